@@ -1,0 +1,67 @@
+"""`vedrt export MODEL_DIR OUT_DIR`: the exporter's command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..cli import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Export a saved VisionEncoderDecoderModel to an export directory: encoder.onnx, cross_kv.onnx "
+        "(cross-attention keys/values, once per image), decoder.onnx (one KV-cached step), the tokenizer, "
+        "image processor and generation configs, and vedrt.json. The graphs are checked against PyTorch."
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a directory saved with VisionEncoderDecoderModel.save_pretrained")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the export directory (must be empty or absent)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18, the minimum)")
+    parser.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch (not recommended)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="dynamic int8 weights for the MatMuls")
+
+
+class _Stages:
+    """Prints each stage with the time the previous one took: export takes from seconds to minutes."""
+
+    def __init__(self, stages: tuple[str, ...]):
+        self.stages, self.current, self.started = stages, None, time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        self._finish()
+        self.current, self.started = stage, time.perf_counter()
+        index = self.stages.index(stage) + 1 if stage in self.stages else 0
+        print(f"[{index}/{len(self.stages)}] {stage} ...", end="", file=sys.stderr, flush=True)
+
+    def _finish(self) -> None:
+        if self.current is not None:
+            print(f" {time.perf_counter() - self.started:.1f}s", file=sys.stderr, flush=True)
+            self.current = None
+
+    def close(self) -> None:
+        self._finish()
+
+
+def run(args: argparse.Namespace) -> int:
+    from .exporter import STAGES, ExportError, export_model
+    from .validate import ValidationError
+
+    stages = _Stages(STAGES)
+    try:
+        report = export_model(
+            args.model_dir,
+            args.out_dir,
+            opset=args.opset,
+            validate=not args.no_validate,
+            quantize=args.quantize,
+            overwrite=args.overwrite,
+            progress=stages,
+        )
+    except (ExportError, ValidationError, NotImplementedError) as exc:
+        stages.close()
+        raise UsageError(str(exc)) from None
+    stages.close()
+    print(report.summary())
+    return 0

@@ -1,0 +1,291 @@
+"""`export_model`: a VisionEncoderDecoder checkpoint in, a complete export directory out.
+
+Everything is written into a temporary directory beside the destination and moved into place only
+once complete and validated, so an interrupted or failed export never leaves a half-written
+export directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..manifest import FORMAT_VERSION, write_manifest
+from .architectures import UnsupportedArchitecture, decoder_family, encoder_family
+from .graphs import DEFAULT_OPSET, export_graphs
+from .modules import decoder_dims
+from .validate import Validation, ValidationError, validate_export
+
+STAGES = ("load", "encoder.onnx", "cross_kv.onnx", "decoder.onnx", "validate", "write")
+
+
+class ExportError(ValueError):
+    """A problem with the export's input or destination, reported to the user as one line."""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    out_dir: Path
+    graph_bytes: dict[str, int]  # file name -> bytes on disk
+    parameter_bytes: int  # the checkpoint's parameters in fp32
+    validation: dict[str, Any] | None  # None with validate=False
+    seconds: float
+    encoder: str
+    decoder: str
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.graph_bytes.values())
+
+    def summary(self) -> str:
+        mb = 1e6
+        lines = [f"exported {self.encoder} + {self.decoder} to {self.out_dir} in {self.seconds:.1f}s"]
+        for name, size in self.graph_bytes.items():
+            lines.append(f"  {name:<14} {size / mb:10.1f} MB")
+        ratio = self.total_bytes / max(self.parameter_bytes, 1)
+        lines.append(f"  {'total':<14} {self.total_bytes / mb:10.1f} MB ({ratio:.3f}x the fp32 parameters)")
+        if self.validation is None:
+            lines.append("  validation: skipped (--no-validate)")
+        else:
+            v = self.validation
+            lines.append(
+                f"  validation: {'passed' if v['passed'] else 'FAILED'} (max |diff| encoder {v['encoder_max_abs_diff']:.2e}, "
+                f"first step {v['first_step_max_abs_diff']:.2e}, cached step {v['cached_step_max_abs_diff']:.2e}; "
+                f"tolerance {v['tolerance']:.0e})"
+            )
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _load(model_or_dir):
+    """The model in eval mode, and the directory it came from (None for an object)."""
+    from transformers import VisionEncoderDecoderModel
+
+    if isinstance(model_or_dir, str | os.PathLike):
+        src = Path(model_or_dir)
+        if not src.is_dir():
+            raise ExportError(f"model directory not found: {src}")
+        config_path = src / "config.json"
+        if not config_path.is_file():
+            raise ExportError(f"{src} has no config.json: not a saved transformers checkpoint")
+        try:
+            model_type = json.loads(config_path.read_text()).get("model_type")
+        except json.JSONDecodeError as exc:
+            raise ExportError(f"corrupt {config_path}: {exc}") from None
+        if model_type != "vision-encoder-decoder":
+            raise ExportError(f"{src} holds a {model_type!r} model, not a VisionEncoderDecoderModel")
+        try:
+            model = VisionEncoderDecoderModel.from_pretrained(src, attn_implementation="eager")
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot load {src}: {str(exc).splitlines()[0]}") from None
+        return model.eval(), src
+    if not isinstance(model_or_dir, VisionEncoderDecoderModel):
+        raise ExportError(f"expected a VisionEncoderDecoderModel or its directory, got {type(model_or_dir).__name__}")
+    return model_or_dir.eval(), None
+
+
+def _image_size(config) -> tuple[int, int]:
+    size = config.image_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _patch_grid(enc_config, family, image_size: tuple[int, int]) -> tuple[int, int]:
+    patch = enc_config.patch_size if isinstance(enc_config.patch_size, int) else enc_config.patch_size[0]
+    stride = patch * (2 ** (len(enc_config.depths) - 1) if family.hierarchical else 1)
+    return image_size[0] // stride, image_size[1] // stride
+
+
+def _prepare_destination(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"output path exists and is not a directory: {out_dir}")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"output directory {out_dir} is not empty (use --overwrite to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _write_side_files(model, src: Path | None, tmp: Path, image_size: tuple[int, int], tokenizer, image_processor) -> list[str]:
+    """Tokenizer, image processor, generation and model configs; returns warnings."""
+    warnings = []
+    model.config.to_json_file(str(tmp / "config.json"))
+    model.generation_config.to_json_file(str(tmp / "generation_config.json"))
+    if tokenizer is None and src is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src, use_fast=True)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if not (tmp / "tokenizer.json").is_file():
+        warnings.append("no fast tokenizer found: the export can generate token ids but not caption text")
+    if image_processor is not None:
+        image_processor.save_pretrained(str(tmp))
+    elif src is not None and (src / "preprocessor_config.json").is_file():
+        shutil.copy2(src / "preprocessor_config.json", tmp / "preprocessor_config.json")
+    else:
+        from transformers import ViTImageProcessor
+
+        ViTImageProcessor(size={"height": image_size[0], "width": image_size[1]}).to_json_file(
+            str(tmp / "preprocessor_config.json")
+        )
+        warnings.append("no image processor found: wrote ViTImageProcessor defaults (resize, mean/std 0.5)")
+    return warnings
+
+
+def _manifest(model, specs, image_size, family_enc, family_dec, opset, validation, enc_len, enc_dim, graph_bytes):
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    dec_config = model.decoder.config
+    layers, heads, head_dim = decoder_dims(dec_config)
+    gen = model.generation_config
+    start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else model.config.decoder_start_token_id
+    graphs = {
+        name: {
+            "file": spec.file,
+            "bytes": graph_bytes[spec.file],
+            "inputs": [t.to_json() for t in spec.inputs],
+            "outputs": [t.to_json() for t in spec.outputs],
+        }
+        for name, spec in specs.items()
+    }
+    return {
+        "format_version": FORMAT_VERSION,
+        "vedrt_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "opset": opset,
+        "precision": "fp32",
+        "quantization": None,
+        "encoder": {
+            "family": family_enc.name,
+            "image_size": list(image_size),
+            "num_channels": 3,
+            "enc_len": enc_len,
+            "hidden_size": enc_dim,
+            "prefix_tokens": family_enc.prefix_tokens,
+            "patch_grid": list(_patch_grid(model.encoder.config, family_enc, image_size)),
+        },
+        "decoder": {
+            "family": family_dec.name,
+            "num_layers": layers,
+            "num_heads": heads,
+            "head_dim": head_dim,
+            "hidden_size": dec_config.hidden_size,
+            "vocab_size": dec_config.vocab_size,
+            "max_positions": _max_positions(dec_config, family_dec),
+        },
+        "special_tokens": {
+            "decoder_start_token_id": start,
+            "bos_token_id": gen.bos_token_id,
+            "eos_token_id": gen.eos_token_id,
+            "pad_token_id": gen.pad_token_id,
+        },
+        "generation_config": gen.to_diff_dict() | {"max_length": gen.max_length},
+        "graphs": graphs,
+        "source_config": model.config.to_dict(),
+        "validation": validation.to_json() if validation is not None else None,
+    }
+
+
+def _max_positions(config, family) -> int:
+    """How many tokens the decoder can place: past that its position table runs out."""
+    if family.positions == "padding":  # RoBERTa: positions start after the padding index
+        return config.max_position_embeddings - (config.pad_token_id or 0) - 1
+    return getattr(config, "n_positions", None) or config.max_position_embeddings
+
+
+def export_model(
+    model_or_dir,
+    out_dir: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    validate: bool = True,
+    quantize: str | None = None,
+    overwrite: bool = False,
+    tokenizer=None,
+    image_processor=None,
+    progress: Callable[[str], None] | None = None,
+) -> ExportReport:
+    """Export a VisionEncoderDecoderModel (object or saved directory) to an export directory.
+
+    `tokenizer` / `image_processor` are needed only for a model object without a directory to
+    read them from. `progress` is called with each stage's name as it starts.
+    """
+    if quantize is not None:
+        raise NotImplementedError(f"quantize={quantize!r} is not implemented yet")
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    if opset < DEFAULT_OPSET:
+        raise ExportError(f"opset {opset} is not supported: the exporter needs opset >= {DEFAULT_OPSET}")
+    progress = progress or (lambda stage: None)
+    out = Path(out_dir).absolute()
+    _prepare_destination(out, overwrite)
+    started = time.perf_counter()
+    progress("load")
+    model, src = _load(model_or_dir)
+    try:
+        fam_enc = encoder_family(model.config.encoder.model_type)
+        fam_dec = decoder_family(model.config.decoder.model_type)
+    except UnsupportedArchitecture as exc:
+        raise ExportError(str(exc)) from None
+    image_size = _image_size(model.config.encoder)
+    param_bytes = sum(p.numel() for p in model.parameters()) * 4
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        specs = export_graphs(model, tmp, image_size, opset, progress)
+        validation: Validation | None = None
+        if validate:
+            progress("validate")
+            gen = model.generation_config
+            start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else 0
+            validation = validate_export(model, tmp, image_size, start)
+            if not validation.passed:
+                raise ValidationError(
+                    f"validation failed: max |logits difference| {validation.max_abs_diff:.3e} exceeds "
+                    f"{validation.tolerance:.0e} (encoder {validation.encoder_max_abs_diff:.2e}, "
+                    f"first step {validation.first_step_max_abs_diff:.2e}, cached step {validation.cached_step_max_abs_diff:.2e})"
+                )
+        progress("write")
+        warnings = _write_side_files(model, src, tmp, image_size, tokenizer, image_processor)
+        graph_bytes = {spec.file: (tmp / spec.file).stat().st_size for spec in specs.values()}
+        enc_shape = specs["encoder"].outputs[0].shape
+        write_manifest(
+            tmp, _manifest(model, specs, image_size, fam_enc, fam_dec, opset, validation, enc_shape[1], enc_shape[2], graph_bytes)
+        )
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportReport(
+        out_dir=out,
+        graph_bytes=graph_bytes,
+        parameter_bytes=param_bytes,
+        validation=validation.to_json() if validation else None,
+        seconds=time.perf_counter() - started,
+        encoder=fam_enc.name,
+        decoder=fam_dec.name,
+        warnings=tuple(warnings),
+    )
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Swap the finished directory in; an old export is removed only after the new one is there."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,229 @@
+"""The three graphs as torch modules over a checkpoint's own weights.
+
+The exporter traces these to ONNX, and the GPU torch executor runs them as they are, so both run
+the same computation. They hold references to the checkpoint's submodules (no weight copies) and
+re-express the decoder as one KV-cached step that transformers' own code cannot give:
+- the self-attention cache is a preallocated buffer `[batch_beams, heads, cache_len, head_dim]`
+  read up to `past_length` (a tensor, so one graph serves every step and static-shape engines work);
+  the step returns only its new keys/values, which the caller writes in by position;
+- the cross-attention keys/values are computed once per image (`CrossKV`) and shared by that
+  image's beams through a broadcast, never expanded or reordered.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .architectures import DecoderFamily, decoder_family, get_path
+
+
+def decoder_dims(config) -> tuple[int, int, int]:
+    """(layers, heads, head_dim) of a decoder config, whatever the family calls them."""
+    heads = config.num_attention_heads
+    return config.num_hidden_layers, heads, config.hidden_size // heads
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, t, d = x.shape
+    return x.view(b, t, heads, d // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, t, hd = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * hd)
+
+
+class EncoderGraph(nn.Module):
+    """pixel_values -> the states the decoder cross-attends to (after `enc_to_dec_proj`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.encoder = model.encoder
+        self.proj = getattr(model, "enc_to_dec_proj", None)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(pixel_values=pixel_values, return_dict=True).last_hidden_state
+        return self.proj(states) if self.proj is not None else states
+
+
+class CrossKV(nn.Module):
+    """encoder states -> every layer's cross-attention keys and values, once per image."""
+
+    def __init__(self, model):
+        super().__init__()
+        decoder = model.decoder
+        self.family = decoder_family(decoder.config.model_type)
+        self.layers_, self.heads, _ = decoder_dims(decoder.config)
+        base = get_path(decoder, self.family.base)
+        self.blocks = get_path(base, self.family.layers)
+
+    def forward(self, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        f = self.family
+        out = []
+        for block in self.blocks:
+            if f.cross_kv is not None:
+                k, v = get_path(block, f.cross_kv)(encoder_hidden_states).chunk(2, dim=-1)
+            else:
+                k = get_path(block, f.cross_k)(encoder_hidden_states)
+                v = get_path(block, f.cross_v)(encoder_hidden_states)
+            out += [_split_heads(k, self.heads), _split_heads(v, self.heads)]
+        return tuple(out)
+
+
+def _attention_scale(config, family: DecoderFamily, layer: int, head_dim: int) -> float:
+    scale = head_dim**-0.5
+    if family.name == "gpt2":
+        if not config.scale_attn_weights:
+            scale = 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer + 1)
+    return scale
+
+
+class DecoderStep(nn.Module):
+    """One decoder step over a preallocated self-attention cache; see the module docstring.
+
+    forward(input_ids [N,T], past_length [], self_cache (k0, v0, k1, v1, ...) each [N,H,L,hd],
+            cross (k0, v0, ...) each [B,H,S,hd]) ->
+        (logits [N,V] of the last position, new k0, new v0, ... [N,H,T,hd], cross_attn0, ... [N,H,T,S])
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        decoder = model.decoder
+        config = decoder.config
+        f = self.family = decoder_family(config.model_type)
+        self.num_layers, self.heads, self.head_dim = decoder_dims(config)
+        base = get_path(decoder, f.base)
+        self.blocks = get_path(base, f.layers)
+        self.scales = [_attention_scale(config, f, i, self.head_dim) for i in range(self.num_layers)]
+        self.token_embedding = get_path(base, f.token_embedding)
+        self.embed_scale = float(getattr(self.token_embedding, f.embed_scale_attr or "", 1.0) or 1.0)
+        self.positions = f.positions
+        self.padding_idx = config.pad_token_id if config.pad_token_id is not None else 1
+        pos = get_path(base, f.position_embedding)
+        if isinstance(pos, nn.Embedding):
+            self.position_table = pos.weight
+        else:  # TrOCR's sinusoidal table: a plain tensor indexed by the padding rule
+            self.register_buffer("position_table", pos.weights.clone(), persistent=False)
+            self.positions = "padding"
+        tte = get_path(base, f.token_type_embedding) if f.token_type_embedding else None
+        self.token_type_row = tte.weight[0] if tte is not None else None
+        self.embedding_norm = get_path(base, f.embedding_norm) if f.embedding_norm else None
+        self.final_norm = get_path(base, f.final_norm) if f.final_norm else None
+        self.head_dense = get_path(decoder, f.head_dense) if f.head_dense else None
+        if f.head_activation == "gelu":
+            self.head_activation = nn.GELU()
+        elif f.head_activation:
+            self.head_activation = get_path(decoder, f.head_activation)
+        self.head_norm = get_path(decoder, f.head_norm) if f.head_norm else None
+        self._init_head(get_path(decoder, f.head))
+
+    def _init_head(self, head: nn.Linear) -> None:
+        # A head tied to the token embedding would be stored twice in ONNX (the table for the
+        # lookup and its transpose for the MatMul). Keep one [d, vocab] matrix and look tokens up
+        # in its columns instead.
+        self.tied = head.weight is self.token_embedding.weight
+        if self.tied:
+            self.head_weight_t = nn.Parameter(head.weight.detach().t().contiguous(), requires_grad=False)
+        else:
+            self.head = head
+        self.head_bias = head.bias if self.tied else None
+
+    def embed(self, input_ids: torch.Tensor, past_length: torch.Tensor) -> torch.Tensor:
+        n, t = input_ids.shape
+        if self.tied:
+            tokens = self.head_weight_t.index_select(1, input_ids.reshape(-1)).t().reshape(n, t, -1)
+        else:
+            tokens = self.token_embedding.weight.index_select(0, input_ids.reshape(-1)).reshape(n, t, -1)
+        tokens = tokens * self.embed_scale if self.embed_scale != 1.0 else tokens
+        steps = torch.arange(t, device=input_ids.device).unsqueeze(0)
+        if self.positions == "padding":
+            keep = (input_ids != self.padding_idx).long()
+            positions = (torch.cumsum(keep, dim=1) + past_length) * keep + self.padding_idx
+        else:
+            positions = (steps + past_length).expand(n, t)
+            if self.positions == "offset2":
+                positions = positions + 2
+        x = tokens + self.position_table.index_select(0, positions.reshape(-1)).reshape(n, t, -1)
+        if self.token_type_row is not None:
+            x = x + self.token_type_row
+        return self.embedding_norm(x) if self.embedding_norm is not None else x
+
+    def self_attention(self, block, x, past_length, cache_k, cache_v, scale):
+        f = self.family
+        if f.self_qkv is not None:
+            q, k, v = get_path(block, f.self_qkv)(x).chunk(3, dim=-1)
+        else:
+            q = get_path(block, f.self_q)(x)
+            k = get_path(block, f.self_k)(x)
+            v = get_path(block, f.self_v)(x)
+        q, k, v = (_split_heads(a, self.heads) for a in (q, k, v))
+        t, cache_len = x.shape[1], cache_k.shape[2]
+        # Scores against the cache (masked past `past_length`) and against this step's own tokens
+        # (causal), softmaxed together: the cache is read in place, never concatenated.
+        past_scores = torch.matmul(q, cache_k.transpose(-1, -2)) * scale
+        filled = torch.arange(cache_len, device=x.device) < past_length
+        neg = torch.finfo(past_scores.dtype).min
+        past_scores = past_scores.masked_fill(~filled, neg)
+        new_scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        new_scores = new_scores.masked_fill(~causal, neg)
+        probs = torch.softmax(torch.cat([past_scores, new_scores], dim=-1), dim=-1)
+        out = torch.matmul(probs[..., :cache_len], cache_v) + torch.matmul(probs[..., cache_len:], v)
+        return get_path(block, f.self_out)(_merge_heads(out)), k, v
+
+    def cross_attention(self, block, x, cross_k, cross_v, scale):
+        f = self.family
+        q = _split_heads(get_path(block, f.cross_q)(x), self.heads)  # [N,H,T,hd]
+        n, h, t, hd = q.shape
+        b = cross_k.shape[0]
+        # Rows of one image's beams are adjacent: fold the beams into the query length so one
+        # batched product per image reads its cross K/V once.
+        q = q.reshape(b, -1, h, t, hd).transpose(1, 2).reshape(b, h, -1, hd)
+        probs = torch.softmax(torch.matmul(q, cross_k.transpose(-1, -2)) * scale, dim=-1)
+        out = torch.matmul(probs, cross_v)
+        out = out.reshape(b, h, -1, t, hd).transpose(1, 2).reshape(n, h, t, hd)
+        probs = probs.reshape(b, h, -1, t, probs.shape[-1]).transpose(1, 2).reshape(n, h, t, -1)
+        return get_path(block, f.cross_out)(_merge_heads(out)), probs
+
+    def block_forward(self, i, block, x, past_length, cache_k, cache_v, cross_k, cross_v):
+        f = self.family
+        norm = lambda name, y: get_path(block, name)(y)  # noqa: E731
+        ffn = lambda y: get_path(block, f.fc2)(get_path(block, f.activation)(get_path(block, f.fc1)(y)))  # noqa: E731
+        scale = self.scales[i]
+        if f.pre_norm:
+            a, k, v = self.self_attention(block, norm(f.norm_self, x), past_length, cache_k, cache_v, scale)
+            x = x + a
+            c, probs = self.cross_attention(block, norm(f.norm_cross, x), cross_k, cross_v, scale)
+            x = x + c
+            x = x + ffn(norm(f.norm_ffn, x))
+        else:
+            a, k, v = self.self_attention(block, x, past_length, cache_k, cache_v, scale)
+            x = norm(f.norm_self, x + a)
+            c, probs = self.cross_attention(block, x, cross_k, cross_v, scale)
+            x = norm(f.norm_cross, x + c)
+            x = norm(f.norm_ffn, x + ffn(x))
+        return x, k, v, probs
+
+    def logits(self, last: torch.Tensor) -> torch.Tensor:
+        if self.final_norm is not None:
+            last = self.final_norm(last)
+        if self.head_dense is not None:
+            last = self.head_norm(self.head_activation(self.head_dense(last)))
+        if not self.tied:
+            return self.head(last)
+        logits = torch.matmul(last, self.head_weight_t)
+        return logits + self.head_bias if self.head_bias is not None else logits
+
+    def forward(self, input_ids, past_length, self_cache, cross):
+        x = self.embed(input_ids, past_length)
+        new_kv, attn = [], []
+        for i, block in enumerate(self.blocks):
+            x, k, v, probs = self.block_forward(
+                i, block, x, past_length, self_cache[2 * i], self_cache[2 * i + 1], cross[2 * i], cross[2 * i + 1]
+            )
+            new_kv += [k, v]
+            attn.append(probs)
+        return (self.logits(x[:, -1, :]), *new_kv, *attn)
