@@ -36,8 +36,14 @@ class Executor(Protocol):
     def new_cache(self, batch_beams: int, cache_len: int) -> Any:
         """A self-attention cache for `cache_len` positions (allocated once per generation)."""
 
-    def decode(self, input_ids: np.ndarray, past_length: int, cache: Any, cross: Any,
-               want_attentions: bool = False) -> StepOutput:
+    def decode(
+        self,
+        input_ids: np.ndarray,
+        past_length: int,
+        cache: Any,
+        cross: Any,
+        want_attentions: bool = False,
+    ) -> StepOutput:
         """Run one step and write its new keys/values into `cache` at `past_length`."""
 
     def reorder(self, cache: Any, beam_idx: np.ndarray, length: int) -> None:
@@ -69,7 +75,9 @@ class OrtExecutor:
     def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None):
         self.m = manifest
         self.layers = manifest.num_layers
-        self.sessions = {name: _session(path, device, threads) for name, path in manifest.graph_files.items()}
+        self.sessions = {
+            name: _session(path, device, threads) for name, path in manifest.graph_files.items()
+        }
         self._check_decoder_io()
 
     def _check_decoder_io(self) -> None:
@@ -77,16 +85,27 @@ class OrtExecutor:
         have = {i.name for i in session.get_inputs()} | {o.name for o in session.get_outputs()}
         need = {"input_ids", "past_length", "logits"}
         for i in range(self.layers):
-            need |= {f"self_key.{i}", f"self_value.{i}", f"cross_key.{i}", f"cross_value.{i}",
-                     f"new_key.{i}", f"new_value.{i}", f"cross_attn.{i}"}
+            need |= {
+                f"self_key.{i}",
+                f"self_value.{i}",
+                f"cross_key.{i}",
+                f"cross_value.{i}",
+                f"new_key.{i}",
+                f"new_value.{i}",
+                f"cross_attn.{i}",
+            }
         missing = sorted(need - have)
         if missing:
-            raise InputError(f"{self.m.graph_files['decoder']}: not a vedrt decoder graph (lacks {', '.join(missing[:4])})")
+            raise InputError(
+                f"{self.m.graph_files['decoder']}: not a vedrt decoder graph (lacks {', '.join(missing[:4])})"
+            )
 
     def encode(self, pixel_values: np.ndarray) -> list[Any]:
         import onnxruntime as ort
 
-        (states,) = self.sessions["encoder"].run(["encoder_hidden_states"], {"pixel_values": pixel_values})
+        (states,) = self.sessions["encoder"].run(
+            ["encoder_hidden_states"], {"pixel_values": pixel_values}
+        )
         names = [f"cross_{kv}.{i}" for i in range(self.layers) for kv in ("key", "value")]
         arrays = self.sessions["cross_kv"].run(names, {"encoder_hidden_states": states})
         return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays]
@@ -101,7 +120,9 @@ class OrtExecutor:
         io = self.sessions["decoder"].io_binding()
         for i in range(self.layers):
             for j, kv in enumerate(("key", "value")):
-                io.bind_ortvalue_input(f"self_{kv}.{i}", ort.OrtValue.ortvalue_from_numpy(cache.data[i, j]))
+                io.bind_ortvalue_input(
+                    f"self_{kv}.{i}", ort.OrtValue.ortvalue_from_numpy(cache.data[i, j])
+                )
                 io.bind_ortvalue_input(f"cross_{kv}.{i}", cross[2 * i + j])
         bb, h, d = cache.batch_beams, self.m.num_heads, self.m.head_dim
         outputs = {"logits": np.empty((bb, self.m.vocab_size), np.float32)}
@@ -114,11 +135,19 @@ class OrtExecutor:
         cache.bindings[(id(cache.data), new_len)] = (io, outputs)
         return io, outputs
 
-    def decode(self, input_ids: np.ndarray, past_length: int, cache: OrtCache, cross: list[Any],
-               want_attentions: bool = False) -> StepOutput:
+    def decode(
+        self,
+        input_ids: np.ndarray,
+        past_length: int,
+        cache: OrtCache,
+        cross: list[Any],
+        want_attentions: bool = False,
+    ) -> StepOutput:
         new_len = input_ids.shape[1]
         if past_length + new_len > cache.cache_len:
-            raise ValueError(f"cache of {cache.cache_len} positions cannot hold {past_length + new_len}")
+            raise ValueError(
+                f"cache of {cache.cache_len} positions cannot hold {past_length + new_len}"
+            )
         bound = cache.bindings.get((id(cache.data), new_len))
         io, outputs = bound if bound is not None else self._bind(cache, cross, new_len)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
@@ -128,13 +157,23 @@ class OrtExecutor:
         for i in range(self.layers):
             cache.data[i, 0, :, :, past_length:end] = outputs[f"new_key.{i}"]
             cache.data[i, 1, :, :, past_length:end] = outputs[f"new_value.{i}"]
-        attn = [outputs[f"cross_attn.{i}"].copy() for i in range(self.layers)] if want_attentions else None
+        attn = (
+            [outputs[f"cross_attn.{i}"].copy() for i in range(self.layers)]
+            if want_attentions
+            else None
+        )
         return StepOutput(outputs["logits"].copy(), attn)
 
     def reorder(self, cache: OrtCache, beam_idx: np.ndarray, length: int) -> None:
         if np.array_equal(beam_idx, np.arange(cache.batch_beams)):
             return
-        np.take(cache.data[..., :length, :], beam_idx, axis=2, out=cache.spare[..., :length, :], mode="clip")
+        np.take(
+            cache.data[..., :length, :],
+            beam_idx,
+            axis=2,
+            out=cache.spare[..., :length, :],
+            mode="clip",
+        )
         cache.data, cache.spare = cache.spare, cache.data
 
 
@@ -149,7 +188,9 @@ def _session(path, device: str, threads: int | None):
         providers = ["CPUExecutionProvider"]
     elif device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise InputError("device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
+            raise InputError(
+                "device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider is not available)"
+            )
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         raise InputError(f"unknown device {device!r} (use 'cpu' or 'cuda')")

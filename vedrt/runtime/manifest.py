@@ -1,20 +1,18 @@
-"""Read and check an export directory's `vedrt.json` (see docs/export-format.md).
+"""The runtime's typed view of an export directory's `vedrt.json` (see docs/export-format.md).
 
-Checked up front so that a missing or corrupt file fails at `load()` with one clear line, not deep
-inside ONNX Runtime in the middle of a generation.
+`vedrt.manifest` reads the file; this checks the fields the runtime relies on, up front, so that
+a missing or corrupt file fails at `load()` with one clear line, not deep inside ONNX Runtime in
+the middle of a generation.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import manifest as shared
 from .errors import InputError
-
-FORMAT_VERSION = 1
-GRAPHS = ("encoder", "cross_kv", "decoder")
 
 
 @dataclass(frozen=True)
@@ -58,32 +56,28 @@ def _int(data: dict, *keys: str) -> int:
     return value
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path.parent} is not an export directory (no vedrt.json); create one with `vedrt export`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: corrupt manifest ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: corrupt manifest (not a JSON object)")
-    return data
-
-
 def read_manifest(export_dir: str | Path) -> Manifest:
     """Parse vedrt.json and check that every graph it names is there."""
     root = Path(export_dir)
-    if not root.is_dir():
-        raise InputError(f"{root}: no such export directory")
-    data = _read_json(root / "vedrt.json")
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise InputError(f"{root}/vedrt.json: format_version {version!r} is not supported (this vedrt reads {FORMAT_VERSION})")
+    try:
+        data = shared.read_manifest(root)
+    except shared.ExportDirError as exc:
+        raise InputError(str(exc)) from None
+    except (AttributeError, TypeError, KeyError, OSError) as exc:  # valid JSON, wrong structure
+        raise InputError(
+            f"corrupt manifest {root / shared.MANIFEST_NAME}: {type(exc).__name__}: {exc}"
+        ) from None
     image_size = _get(data, "encoder", "image_size")
-    if not (isinstance(image_size, list) and len(image_size) == 2 and all(isinstance(v, int) for v in image_size)):
-        raise InputError(f"vedrt.json: encoder.image_size must be [height, width], got {image_size!r}")
+    if not (
+        isinstance(image_size, list)
+        and len(image_size) == 2
+        and all(isinstance(v, int) for v in image_size)
+    ):
+        raise InputError(
+            f"vedrt.json: encoder.image_size must be [height, width], got {image_size!r}"
+        )
     files = {}
-    for name in GRAPHS:
+    for name in shared.GRAPHS:
         path = root / str(_get(data, "graphs", name, "file"))
         if not path.is_file():
             raise InputError(f"{root}: missing graph {path.name} (re-export the model)")

@@ -128,13 +128,19 @@ def _bad_words(value: Any) -> tuple[tuple[int, ...], ...] | None:
     except (TypeError, ValueError):
         raise InputError(f"bad_words_ids must be a list of lists of ints, got {value!r}") from None
     if not words or any(not w or min(w) < 0 for w in words):
-        raise InputError(f"bad_words_ids must be a non-empty list of non-empty lists of ids >= 0, got {value!r}")
+        raise InputError(
+            f"bad_words_ids must be a non-empty list of non-empty lists of ids >= 0, got {value!r}"
+        )
     return words
 
 
 def warn_unsupported(generation_config: dict[str, Any]) -> None:
     """Say which of the checkpoint's settings this runtime ignores (its output would differ)."""
-    set_keys = [k for k, default in UNSUPPORTED_IF_SET.items() if generation_config.get(k, default) != default]
+    set_keys = [
+        k
+        for k, default in UNSUPPORTED_IF_SET.items()
+        if generation_config.get(k, default) != default
+    ]
     if set_keys:
         warnings.warn(
             f"vedrt ignores these generation config settings of the checkpoint: {', '.join(set_keys)}",
@@ -142,7 +148,9 @@ def warn_unsupported(generation_config: dict[str, Any]) -> None:
         )
 
 
-def resolve(generation_config: dict[str, Any], overrides: dict[str, Any], max_positions: int | None = None) -> GenerationOptions:
+def resolve(
+    generation_config: dict[str, Any], overrides: dict[str, Any], max_positions: int | None = None
+) -> GenerationOptions:
     """Merge the call's keywords over the checkpoint's generation config and check them."""
     known = set(HF_DEFAULTS) | set(CALL_ONLY)
     for key in overrides:
@@ -183,7 +191,9 @@ def resolve(generation_config: dict[str, Any], overrides: dict[str, Any], max_po
         length_penalty=float(o["length_penalty"]),
         early_stopping=o["early_stopping"],
         no_repeat_ngram_size=int(o["no_repeat_ngram_size"] or 0),
-        repetition_penalty=float(o["repetition_penalty"] if o["repetition_penalty"] is not None else 1.0),
+        repetition_penalty=float(
+            o["repetition_penalty"] if o["repetition_penalty"] is not None else 1.0
+        ),
         bad_words_ids=_bad_words(o["bad_words_ids"]),
         forced_bos_token_id=o["forced_bos_token_id"],
         forced_eos_token_id=_as_tuple(o["forced_eos_token_id"], "forced_eos_token_id"),
@@ -206,7 +216,9 @@ def resolve(generation_config: dict[str, Any], overrides: dict[str, Any], max_po
 def check(o: GenerationOptions, max_positions: int | None) -> None:
     """Reject settings transformers rejects, and lengths the exported decoder cannot hold."""
     if o.max_length <= PROMPT_LEN:
-        raise InputError(f"max_length={o.max_length} leaves no room for new tokens (max_new_tokens must be >= 1)")
+        raise InputError(
+            f"max_length={o.max_length} leaves no room for new tokens (max_new_tokens must be >= 1)"
+        )
     if max_positions is not None and o.max_length > max_positions:
         raise InputError(
             f"max_new_tokens={o.max_new} needs {o.max_length} decoder positions, but this decoder has "

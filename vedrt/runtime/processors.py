@@ -46,7 +46,9 @@ def no_repeat_ngram(n: int, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return scores
 
 
-def bad_words(words: tuple[tuple[int, ...], ...], ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def bad_words(
+    words: tuple[tuple[int, ...], ...], ids: np.ndarray, scores: np.ndarray
+) -> np.ndarray:
     """NoBadWordsLogitsProcessor: forbid the last token of a bad word whose prefix just occurred."""
     cur_len = ids.shape[1]
     for word in words:
@@ -61,21 +63,27 @@ def bad_words(words: tuple[tuple[int, ...], ...], ids: np.ndarray, scores: np.nd
     return scores
 
 
-def without_eos_words(words: tuple[tuple[int, ...], ...], eos: tuple[int, ...] | None) -> tuple[tuple[int, ...], ...]:
+def without_eos_words(
+    words: tuple[tuple[int, ...], ...], eos: tuple[int, ...] | None
+) -> tuple[tuple[int, ...], ...]:
     """transformers drops single-token bad words that are an EOS id (and dedupes, being a dict)."""
     eos = eos or ()
     kept = [w for w in words if not (len(w) == 1 and w[0] in eos)]
     return tuple(dict.fromkeys(kept))
 
 
-def min_length(min_len: int, eos: tuple[int, ...], ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def min_length(
+    min_len: int, eos: tuple[int, ...], ids: np.ndarray, scores: np.ndarray
+) -> np.ndarray:
     """MinLengthLogitsProcessor (also MinNewTokens, whose bound `options.resolve` folded in)."""
     if ids.shape[1] < min_len:
         scores[:, list(eos)] = NEG_INF
     return scores
 
 
-def forced_token(at_len: int, tokens: tuple[int, ...], ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def forced_token(
+    at_len: int, tokens: tuple[int, ...], ids: np.ndarray, scores: np.ndarray
+) -> np.ndarray:
     """ForcedBOSTokenLogitsProcessor / ForcedEOSTokenLogitsProcessor."""
     if ids.shape[1] == at_len:
         scores[:] = NEG_INF

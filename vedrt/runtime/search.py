@@ -38,12 +38,20 @@ def encode(executor: Executor, pixel_values: np.ndarray) -> Any:
     return executor.encode(pixel_values)
 
 
-def prefill(executor: Executor, cache: Any, cross: Any, prompt: np.ndarray, want_attn: bool) -> StepOutput:
+def prefill(
+    executor: Executor, cache: Any, cross: Any, prompt: np.ndarray, want_attn: bool
+) -> StepOutput:
     return executor.decode(prompt, 0, cache, cross, want_attn)
 
 
-def decode_step(executor: Executor, cache: Any, cross: Any, tokens: np.ndarray, past_length: int,
-                want_attn: bool) -> StepOutput:
+def decode_step(
+    executor: Executor,
+    cache: Any,
+    cross: Any,
+    tokens: np.ndarray,
+    past_length: int,
+    want_attn: bool,
+) -> StepOutput:
     return executor.decode(tokens[:, None], past_length, cache, cross, want_attn)
 
 
@@ -53,7 +61,8 @@ def reorder_beams(executor: Executor, cache: Any, beam_idx: np.ndarray, filled: 
 
 def gumbel(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Adding Gumbel noise then taking the top k samples k tokens without replacement."""
-    return -np.log(-np.log(rng.random(shape))).astype(F32)
+    u = np.maximum(rng.random(shape), np.finfo(np.float64).tiny)
+    return (-np.log(-np.log(u))).astype(F32)
 
 
 def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +88,9 @@ def is_eos(tokens: np.ndarray, eos: tuple[int, ...] | None) -> np.ndarray:
     return np.isin(tokens, eos)
 
 
-def greedy_or_sample(executor: Executor, cross: Any, batch: int, o: GenerationOptions) -> GenerateOutput:
+def greedy_or_sample(
+    executor: Executor, cross: Any, batch: int, o: GenerationOptions
+) -> GenerateOutput:
     """transformers' `_sample`: one row per image (times num_return_sequences when sampling)."""
     rows = batch * o.num_return_sequences
     rng = np.random.default_rng(o.seed) if o.do_sample else None
@@ -116,7 +127,9 @@ def _collectors(o: GenerationOptions) -> tuple[list | None, list | None]:
     return scores, attentions
 
 
-def _collect(scores: list | None, attentions: list | None, step_scores: np.ndarray, out: StepOutput) -> None:
+def _collect(
+    scores: list | None, attentions: list | None, step_scores: np.ndarray, out: StepOutput
+) -> None:
     if scores is not None:
         scores.append(step_scores.copy())
     if attentions is not None:
@@ -170,16 +183,25 @@ def beam_search(executor: Executor, cross: Any, batch: int, o: GenerationOptions
     s = init_beams(batch, o, k)
     scores, attentions = _collectors(o)
     cache = executor.new_cache(batch * nb, o.max_length - PROMPT_LEN)
-    out = prefill(executor, cache, cross, s.running_sequences[:, :, :PROMPT_LEN].reshape(batch * nb, -1),
-                  attentions is not None)
+    out = prefill(
+        executor,
+        cache,
+        cross,
+        s.running_sequences[:, :, :PROMPT_LEN].reshape(batch * nb, -1),
+        attentions is not None,
+    )
     cur_len = PROMPT_LEN
     while True:
         flat_running = s.running_sequences[:, :, :cur_len].reshape(batch * nb, cur_len)
         log_probs = processors.apply(chain, flat_running, processors.log_softmax(out.logits))
         _collect(scores, attentions, log_probs, out)
         vocab = log_probs.shape[-1]
-        accumulated = (log_probs.reshape(batch, nb, vocab) + s.running_scores[:, :, None]).reshape(batch, nb * vocab)
-        cand_scores, cand_seqs, cand_indices = top_k_continuations(s, accumulated, cur_len, k, nb, vocab, rng)
+        accumulated = (log_probs.reshape(batch, nb, vocab) + s.running_scores[:, :, None]).reshape(
+            batch, nb * vocab
+        )
+        cand_scores, cand_seqs, cand_indices = top_k_continuations(
+            s, accumulated, cur_len, k, nb, vocab, rng
+        )
         cand_ids = cand_seqs[:, :, cur_len]
         s.hits = (cur_len + 1 >= o.max_length) | is_eos(cand_ids, o.eos_token_id)
         next_running_beams(s, cand_scores, cand_seqs, cand_indices, nb)
@@ -190,13 +212,26 @@ def beam_search(executor: Executor, cross: Any, batch: int, o: GenerationOptions
         s.improvable = early_stop_unsatisfied(s, cur_len, o)
         if not has_unfinished(s, o):
             break
-        out = decode_step(executor, cache, cross, s.running_sequences[:, :, cur_len - 1].reshape(-1),
-                          cur_len - 1, attentions is not None)
+        out = decode_step(
+            executor,
+            cache,
+            cross,
+            s.running_sequences[:, :, cur_len - 1].reshape(-1),
+            cur_len - 1,
+            attentions is not None,
+        )
     return finalize(s, o, scores, attentions)
 
 
-def top_k_continuations(s: BeamState, accumulated: np.ndarray, cur_len: int, k: int, nb: int, vocab: int,
-                        rng: np.random.Generator | None):
+def top_k_continuations(
+    s: BeamState,
+    accumulated: np.ndarray,
+    cur_len: int,
+    k: int,
+    nb: int,
+    vocab: int,
+    rng: np.random.Generator | None,
+):
     """The best (or sampled) k next tokens over all beams of each image."""
     if rng is not None:
         _, idx = topk(accumulated + gumbel(rng, accumulated.shape), k)  # sampled order
@@ -221,7 +256,9 @@ def next_running_beams(s: BeamState, cand_scores, cand_seqs, cand_indices, nb: i
     s.running_indices = gather_beams(cand_indices, keep)
 
 
-def update_finished(s: BeamState, cand_scores, cand_seqs, cand_indices, cur_len: int, o: GenerationOptions) -> None:
+def update_finished(
+    s: BeamState, cand_scores, cand_seqs, cand_indices, cur_len: int, o: GenerationOptions
+) -> None:
     """Merge the candidates that just finished (among the top `num_beams`) into the finished set."""
     nb = o.num_beams
     top_mask = np.zeros(cand_scores.shape[1], dtype=bool)
@@ -237,7 +274,9 @@ def update_finished(s: BeamState, cand_scores, cand_seqs, cand_indices, cur_len:
     s.sequences = gather_beams(np.concatenate([s.sequences, cand_seqs], axis=1), keep)
     s.scores = np.take_along_axis(merged_scores, keep, axis=1)
     s.indices = gather_beams(np.concatenate([s.indices, cand_indices], axis=1), keep)
-    s.finished = np.take_along_axis(np.concatenate([s.finished, just_finished], axis=1), keep, axis=1)
+    s.finished = np.take_along_axis(
+        np.concatenate([s.finished, just_finished], axis=1), keep, axis=1
+    )
 
 
 def early_stop_unsatisfied(s: BeamState, cur_len: int, o: GenerationOptions) -> np.ndarray:

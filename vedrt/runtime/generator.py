@@ -1,0 +1,130 @@
+"""`load()` and `Generator`: the public face of the runtime.
+
+The model (graphs, manifest) is loaded once; options are per call, so one Generator serves greedy,
+beam search and sampling alike. The image processor and tokenizer load on first use, so an export
+without a tokenizer still generates token ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import options as opts
+from . import search
+from .errors import InputError
+from .executor import Executor, OrtExecutor
+from .manifest import Manifest, read_manifest
+from .search import GenerateOutput
+
+BACKENDS = ("onnxruntime",)
+
+
+class Generator:
+    """Captions images with one export directory; thread-compatible but not thread-safe per call."""
+
+    def __init__(self, manifest: Manifest, executor: Executor):
+        self.manifest = manifest
+        self.executor = executor
+        self.generation_config = manifest.generation_defaults()
+        opts.warn_unsupported(manifest.generation_config)
+        self._processor = None
+        self._detokenizer = None
+
+    def options(self, **overrides: Any) -> opts.GenerationOptions:
+        """The options a `generate(**overrides)` call would use (TypeError for unknown names)."""
+        return opts.resolve(self.generation_config, overrides, self.manifest.max_positions)
+
+    def generate(self, pixel_values: np.ndarray, **options: Any) -> np.ndarray | GenerateOutput:
+        """Token ids exactly as transformers' `model.generate(pixel_values=..., **options)`.
+
+        Returns int64 `[batch * num_return_sequences, length]` (start token included, finished rows
+        padded), or a `GenerateOutput` with `return_dict=True`.
+        """
+        o = self.options(**options)
+        pixel_values = self.check_pixel_values(pixel_values)
+        batch = pixel_values.shape[0]
+        cross = search.encode(self.executor, pixel_values)
+        if o.num_beams > 1:
+            out = search.beam_search(self.executor, cross, batch, o)
+        else:
+            out = search.greedy_or_sample(self.executor, cross, batch, o)
+        return out if o.return_dict else out.sequences
+
+    def check_pixel_values(self, pixel_values: Any) -> np.ndarray:
+        """One clear error for the wrong type, dtype, rank or size, before any graph runs."""
+        m = self.manifest
+        expected = f"[batch, {m.num_channels}, {m.image_size[0]}, {m.image_size[1]}]"
+        if isinstance(pixel_values, list | tuple):
+            shapes = {np.shape(p) for p in pixel_values}
+            if len(shapes) > 1:
+                raise InputError(
+                    f"pixel_values: the images have different sizes {sorted(shapes)}; "
+                    f"every image must be {expected[8:]}"
+                )
+            pixel_values = np.stack(pixel_values) if pixel_values else np.zeros((0,))
+        if not isinstance(pixel_values, np.ndarray):
+            raise InputError(
+                f"pixel_values must be a numpy array, got {type(pixel_values).__name__}"
+            )
+        if pixel_values.dtype != np.float32:
+            raise InputError(f"pixel_values must be float32, got {pixel_values.dtype}")
+        shape = pixel_values.shape
+        if len(shape) != 4 or shape[0] < 1 or shape[1:] != (m.num_channels, *m.image_size):
+            raise InputError(f"pixel_values has shape {list(shape)}, expected {expected}")
+        return np.ascontiguousarray(pixel_values)
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            from .preprocess import ImageProcessor
+
+            self._processor = ImageProcessor.from_file(
+                self.manifest.root / "preprocessor_config.json"
+            )
+        return self._processor
+
+    @property
+    def detokenizer(self):
+        if self._detokenizer is None:
+            from .text import Detokenizer
+
+            self._detokenizer = Detokenizer(self.manifest.root)
+        return self._detokenizer
+
+    def preprocess(self, images: list[Any]) -> np.ndarray:
+        """Paths or PIL images -> pixel values, as the checkpoint's image processor makes them."""
+        from .preprocess import load_image
+
+        return self.processor([load_image(image) for image in images])
+
+    def decode(self, sequences: np.ndarray) -> list[str]:
+        return self.detokenizer.decode(sequences)
+
+    def caption(self, images: Any, **options: Any) -> list[str]:
+        """Captions for paths or PIL images (num_return_sequences per image, in order)."""
+        if isinstance(images, str | Path) or hasattr(images, "mode"):
+            images = [images]
+        images = list(images)
+        if not images:
+            return []
+        options = {**options, "return_dict": False}
+        return self.decode(self.generate(self.preprocess(images), **options))
+
+
+def load(
+    path: str | Path,
+    *,
+    backend: str = "onnxruntime",
+    device: str = "cpu",
+    threads: int | None = None,
+) -> Generator:
+    """Load an export directory once; `threads` sets ONNX Runtime's intra-op threads."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})")
+    if threads is not None and (not isinstance(threads, int) or threads < 0):
+        raise InputError(f"threads must be a non-negative integer, got {threads!r}")
+    manifest = read_manifest(path)
+    return Generator(manifest, OrtExecutor(manifest, device=device, threads=threads))

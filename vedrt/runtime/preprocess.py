@@ -1,0 +1,238 @@
+"""Images in, pixel values out: the checkpoint's image processor, in numpy and PIL.
+
+Reproduces transformers' (slow, PIL-based) ViTImageProcessor, DeiTImageProcessor,
+BeitImageProcessor and DonutImageProcessor from `preprocessor_config.json` step for step (PIL
+resize on uint8, crop or pad, rescale in float64 then float32, normalize in float32), so the
+pixel values match theirs and the runtime needs no transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+BILINEAR, BICUBIC = 2, 3
+IMAGENET_STANDARD = (0.5, 0.5, 0.5)
+# Per-class defaults, used only for keys a preprocessor_config.json leaves out.
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ViTImageProcessor": {"size": {"height": 224, "width": 224}, "resample": BILINEAR},
+    "DeiTImageProcessor": {
+        "size": {"height": 256, "width": 256},
+        "resample": BICUBIC,
+        "do_center_crop": True,
+        "crop_size": {"height": 224, "width": 224},
+        "image_mean": (0.485, 0.456, 0.406),
+        "image_std": (0.229, 0.224, 0.225),
+    },
+    "BeitImageProcessor": {
+        "size": {"height": 256, "width": 256},
+        "resample": BICUBIC,
+        "do_center_crop": True,
+        "crop_size": {"height": 224, "width": 224},
+    },
+    "DonutImageProcessor": {
+        "size": {"height": 2560, "width": 1920},
+        "resample": BILINEAR,
+        "do_thumbnail": True,
+        "do_pad": True,
+    },
+}
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """The steps of one checkpoint's image processor, with their parameters."""
+
+    kind: str  # "vit" (ViT/DeiT/BEiT: resize, optional center crop) or "donut"
+    size: dict[str, int]
+    resample: int
+    do_resize: bool = True
+    do_center_crop: bool = False
+    crop_size: dict[str, int] | None = None
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = IMAGENET_STANDARD
+    image_std: tuple[float, ...] = IMAGENET_STANDARD
+    do_thumbnail: bool = False
+    do_align_long_axis: bool = False
+    do_pad: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ImageProcessor:
+        name = str(config.get("image_processor_type") or "ViTImageProcessor").removesuffix("Fast")
+        c = dict(CLASS_DEFAULTS.get(name, CLASS_DEFAULTS["ViTImageProcessor"]))
+        c.update({k: v for k, v in config.items() if v is not None})
+        donut = name == "DonutImageProcessor"
+        size = c["size"]
+        if donut and isinstance(size, list | tuple):
+            size = list(size)[::-1]  # Donut's legacy (width, height) order
+        return cls(
+            kind="donut" if donut else "vit",
+            size=_size_dict(size),
+            resample=int(c["resample"]),
+            do_resize=bool(c.get("do_resize", True)),
+            do_center_crop=bool(c.get("do_center_crop", False)),
+            crop_size=_size_dict(c["crop_size"]) if c.get("crop_size") is not None else None,
+            do_rescale=bool(c.get("do_rescale", True)),
+            rescale_factor=float(c.get("rescale_factor", 1 / 255)),
+            do_normalize=bool(c.get("do_normalize", True)),
+            image_mean=_triple(c.get("image_mean", IMAGENET_STANDARD)),
+            image_std=_triple(c.get("image_std", IMAGENET_STANDARD)),
+            do_thumbnail=donut and bool(c.get("do_thumbnail", True)),
+            do_align_long_axis=donut and bool(c.get("do_align_long_axis", False)),
+            do_pad=donut and bool(c.get("do_pad", True)),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ImageProcessor:
+        try:
+            return cls.from_config(json.loads(Path(path).read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise InputError(
+                f"{path}: missing (the export has no image processor config)"
+            ) from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{path}: corrupt image processor config ({exc})") from None
+
+    def __call__(self, images: list[Any]) -> np.ndarray:
+        """PIL images -> pixel values `[batch, 3, height, width]` float32."""
+        return np.stack([self.one(to_rgb(image)) for image in images])
+
+    def one(self, image) -> np.ndarray:
+        array = np.asarray(image, dtype=np.uint8)
+        if self.kind == "donut":
+            array = self._donut_geometry(array)
+        else:
+            if self.do_resize:
+                array = pil_resize(array, output_size(array, self.size), self.resample)
+            if self.do_center_crop and self.crop_size is not None:
+                array = center_crop(array, (self.crop_size["height"], self.crop_size["width"]))
+        x = array.astype(np.float32)
+        if self.do_rescale:
+            x = (array.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(
+                self.image_std, np.float32
+            )
+        return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+    def _donut_geometry(self, array: np.ndarray) -> np.ndarray:
+        h, w = self.size["height"], self.size["width"]
+        if self.do_align_long_axis:
+            ih, iw = array.shape[:2]
+            if (w < h and iw > ih) or (w > h and iw < ih):
+                array = np.rot90(array, 3, axes=(0, 1))
+        if self.do_resize:
+            array = pil_resize(
+                array, output_size(array, {"shortest_edge": min(h, w)}), self.resample
+            )
+        if self.do_thumbnail:
+            array = thumbnail(array, (h, w))
+        if self.do_pad:
+            dh, dw = h - array.shape[0], w - array.shape[1]
+            top, left = dh // 2, dw // 2
+            array = np.pad(array, ((top, dh - top), (left, dw - left), (0, 0)))
+        return array
+
+
+def _size_dict(size: Any) -> dict[str, int]:
+    if isinstance(size, int):
+        return {"height": size, "width": size}
+    if isinstance(size, list | tuple) and len(size) == 2:
+        return {"height": int(size[0]), "width": int(size[1])}
+    if isinstance(size, dict) and ({"height", "width"} <= size.keys() or "shortest_edge" in size):
+        return {k: int(v) for k, v in size.items()}
+    raise ValueError(f"unsupported size {size!r}")
+
+
+def _triple(value: Any) -> tuple[float, ...]:
+    if isinstance(value, int | float):
+        return (float(value),) * 3
+    return tuple(float(v) for v in value)
+
+
+def output_size(array: np.ndarray, size: dict[str, int]) -> tuple[int, int]:
+    """(height, width) after resizing; transformers' get_resize_output_image_size for shortest_edge."""
+    if "height" in size:
+        return size["height"], size["width"]
+    height, width = array.shape[:2]
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size["shortest_edge"], int(size["shortest_edge"] * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def pil_resize(
+    array: np.ndarray, size: tuple[int, int], resample: int, reducing_gap: float | None = None
+) -> np.ndarray:
+    from PIL import Image
+
+    image = Image.fromarray(array)
+    return np.asarray(
+        image.resize((size[1], size[0]), resample=resample, reducing_gap=reducing_gap)
+    )
+
+
+def thumbnail(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """DonutImageProcessor.thumbnail: shrink to fit, keeping the aspect ratio."""
+    ih, iw = array.shape[:2]
+    height, width = min(ih, size[0]), min(iw, size[1])
+    if height == ih and width == iw:
+        return array
+    if ih > iw:
+        width = int(iw * height / ih)
+    elif iw > ih:
+        height = int(ih * width / iw)
+    return pil_resize(array, (height, width), BICUBIC, reducing_gap=2.0)
+
+
+def center_crop(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """transformers' center_crop on `[H, W, C]`, zero-padding an image smaller than the crop."""
+    h, w = array.shape[:2]
+    ch, cw = size
+    top, left = (h - ch) // 2, (w - cw) // 2
+    if top >= 0 and left >= 0:
+        return array[top : top + ch, left : left + cw]
+    nh, nw = max(ch, h), max(cw, w)
+    padded = np.zeros((nh, nw, array.shape[2]), dtype=array.dtype)
+    pt, pl = -(-(nh - h) // 2), -(-(nw - w) // 2)
+    padded[pt : pt + h, pl : pl + w] = array
+    top, left = top + pt, left + pl
+    return padded[max(0, top) : min(nh, top + ch), max(0, left) : min(nw, left + cw)]
+
+
+def to_rgb(image):
+    """RGBA, palette, grayscale and the rest -> RGB (alpha dropped, as transformers' convert_to_rgb)."""
+    if image.mode == "RGB":
+        return image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL warns about palette transparency
+        return image.convert("RGB")
+
+
+def load_image(source: Any):
+    """A path or PIL image -> a fully decoded PIL image, or one clear InputError."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, Image.Image):
+        return source
+    path = Path(source)
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not later
+            return image.copy()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not an image") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable or truncated image ({exc})") from None
