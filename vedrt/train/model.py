@@ -1,0 +1,125 @@
+"""Build what training needs: tokenizer, image processor and a VisionEncoderDecoderModel.
+
+Everything is standard transformers/tokenizers objects saved in their standard files, so a
+checkpoint trained here is loaded with `VisionEncoderDecoderModel.from_pretrained` and
+`AutoTokenizer.from_pretrained` like any other, and `vedrt export` needs nothing special.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vedrt.cli import UsageError
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+
+
+@dataclass
+class Sizes:
+    """Sizes of a model built from configs. The defaults are the shipped scene model: small
+    enough to train on two CPU cores in well under half an hour and to caption in milliseconds."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    enc_hidden: int = 128
+    enc_layers: int = 3
+    dec_hidden: int = 128
+    dec_layers: int = 2
+    heads: int = 4
+    max_positions: int = 32
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer (GPT-2 style, no unknown tokens) with <pad>=0, <s>=1, </s>=2."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=[PAD, BOS, EOS], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=BOS, eos_token=EOS,
+                                   pad_token=PAD, model_max_length=512)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
+    if tok.eos_token_id is None:
+        raise UsageError(f"{path}: tokenizer has no EOS token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.bos_token_id is None:
+        tok.bos_token = tok.eos_token
+    return tok
+
+
+def image_processor(image_size: int) -> Any:
+    """Resize to a square, scale to [-1, 1]: ViT's processor, saved as preprocessor_config.json."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(size={"height": image_size, "width": image_size}, resample=2,
+                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+def set_special_ids(model: Any, tokenizer: Any, max_length: int) -> None:
+    """Make `generate()` (ours and transformers') start with BOS and stop at EOS by default."""
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id = tokenizer.bos_token_id
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.eos_token_id = tokenizer.eos_token_id
+    model.config.decoder.bos_token_id = tokenizer.bos_token_id
+    model.config.decoder.eos_token_id = tokenizer.eos_token_id
+    model.config.decoder.pad_token_id = tokenizer.pad_token_id
+    gen = model.generation_config
+    gen.bos_token_id = tokenizer.bos_token_id
+    gen.max_length = max_length
+    gen.num_beams = 1
+
+
+def model_from_configs(sizes: Sizes, vocab_size: int, seed: int = 0) -> Any:
+    import torch
+    from transformers import (
+        GPT2Config,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+    )
+
+    if sizes.image_size % sizes.patch_size:
+        raise UsageError(f"--image-size {sizes.image_size} is not a multiple of --patch-size {sizes.patch_size}")
+    encoder = ViTConfig(image_size=sizes.image_size, patch_size=sizes.patch_size,
+                        hidden_size=sizes.enc_hidden, num_hidden_layers=sizes.enc_layers,
+                        num_attention_heads=sizes.heads, intermediate_size=4 * sizes.enc_hidden,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    decoder = GPT2Config(vocab_size=vocab_size, n_embd=sizes.dec_hidden, n_layer=sizes.dec_layers,
+                         n_head=sizes.heads, n_positions=sizes.max_positions, add_cross_attention=True,
+                         is_decoder=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    torch.manual_seed(seed)
+    return VisionEncoderDecoderModel(config=config)
+
+
+def model_from_pretrained(encoder_dir: str, decoder_dir: str) -> Any:
+    from transformers import VisionEncoderDecoderModel
+
+    for what, d in (("--encoder", encoder_dir), ("--decoder", decoder_dir)):
+        if not (Path(d) / "config.json").is_file():
+            raise UsageError(f"{what} {d}: not a model folder (no config.json)")
+    return VisionEncoderDecoderModel.from_encoder_decoder_pretrained(encoder_dir, decoder_dir)
+
+
+def processor_for_pretrained(encoder_dir: str, image_size: int) -> Any:
+    """The encoder's own processor when it ships one (its normalisation was trained with it)."""
+    if (Path(encoder_dir) / "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(encoder_dir)
+    return image_processor(image_size)
