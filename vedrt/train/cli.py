@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         processor = build.image_processor(sizes.image_size)
         max_tokens = sizes.max_positions
     build.set_special_ids(model, tokenizer, max_tokens)
+    build.fix_loss(model)
     plan = TrainPlan(out=Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      eval_steps=args.eval_steps, save_steps=args.eval_steps, workers=args.workers,
                      seed=args.seed, max_tokens=max_tokens,

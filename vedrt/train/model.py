@@ -83,6 +83,14 @@ def set_special_ids(model: Any, tokenizer: Any, max_length: int) -> None:
     gen.num_beams = 1
 
 
+def fix_loss(model: Any) -> None:
+    """Train on the labels as given: VisionEncoderDecoderModel already shifts them into the
+    decoder inputs, but transformers 4.50-4.57 then scores them with ForCausalLMLoss, which shifts
+    again, so the model learns to predict the token after next (transformers#40111, fixed
+    upstream by #40863). The unshifted cross entropy is the one registered as "ForMaskedLM"."""
+    model.loss_type = "ForMaskedLM"
+
+
 def model_from_configs(sizes: Sizes, vocab_size: int, seed: int = 0) -> Any:
     import torch
     from transformers import (
