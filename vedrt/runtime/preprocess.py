@@ -233,6 +233,6 @@ def load_image(source: Any):
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, not an image") from None
     except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image (unrecognised format)") from None
+        raise InputError(f"{path}: not an image (unrecognised format or truncated file)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: unreadable or truncated image ({exc})") from None

@@ -1,0 +1,265 @@
+"""Bad input gives one clear line (InputError in Python, exit 2 on the command line), and the
+runtime and `vedrt caption` never import torch or transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vedrt.cli import main
+from vedrt.runtime import InputError, load
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 96
+
+
+def write_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer over the tiny models' 96 ids: <pad>=0, <s>=1, </s>=2, w3..w95."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(["<pad>", "<s>", "</s>"])
+    tokenizer.save(str(directory / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def export_dir(exported, tmp_path_factory) -> Path:
+    """A copy of the shared vit-gpt2 export, given a tokenizer so it can caption."""
+    pytest.importorskip("torch")
+    _, out = exported("vit", "gpt2")
+    copy = tmp_path_factory.mktemp("captioner") / "export"
+    shutil.copytree(out, copy)
+    write_tokenizer(copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def generator(export_dir):
+    return load(export_dir)
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.RandomState(0)
+    files = {}
+    for name, size in [("a.png", (40, 30)), ("b.jpg", (32, 32))]:
+        files[name] = d / name
+        Image.fromarray(rng.randint(0, 256, (*size, 3), dtype=np.uint8)).save(files[name])
+    files["gray.png"] = d / "gray.png"
+    Image.fromarray(rng.randint(0, 256, (24, 24), dtype=np.uint8), "L").save(files["gray.png"])
+    files["bad.png"] = d / "bad.png"
+    files["bad.png"].write_text("this is text")
+    files["cut.png"] = d / "cut.png"
+    files["cut.png"].write_bytes(files["a.png"].read_bytes()[:100])
+    return files
+
+
+def test_caption_paths_and_pil_images(generator, image_files):
+    texts = generator.caption(
+        [image_files["a.png"], Image.open(image_files["b.jpg"]), image_files["gray.png"]],
+        max_new_tokens=5,
+    )
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    ids = generator.generate(generator.preprocess([image_files["a.png"]]), max_new_tokens=5)
+    words = [f"w{i}" for i in ids[0] if i > 2]
+    assert texts[0] == " ".join(words)
+    assert generator.caption(image_files["a.png"], max_new_tokens=5) == texts[:1]
+
+
+def test_pixel_values_checks(generator):
+    good = np.zeros((2, 3, 32, 32), np.float32)
+    assert generator.generate(good, max_new_tokens=2).shape[0] == 2
+    cases = [
+        (good.astype(np.float64), "float32"),
+        (good[0], r"shape \[3, 32, 32\]"),
+        (np.zeros((2, 3, 64, 64), np.float32), r"expected \[batch, 3, 32, 32\]"),
+        (np.zeros((2, 1, 32, 32), np.float32), "expected"),
+        (np.zeros((0, 3, 32, 32), np.float32), "expected"),
+        ([good[0], np.zeros((3, 48, 32), np.float32)], "different sizes"),
+        ("pixels", "numpy array"),
+    ]
+    for value, words in cases:
+        with pytest.raises(InputError, match=words) as info:
+            generator.generate(value)
+        assert "\n" not in str(info.value)
+    stacked = generator.generate([good[0], good[1]], max_new_tokens=2)
+    assert stacked.shape[0] == 2
+
+
+def test_option_errors(generator):
+    pv = np.zeros((1, 3, 32, 32), np.float32)
+    with pytest.raises(TypeError, match="num_beam"):
+        generator.generate(pv, num_beam=3)
+    with pytest.raises(InputError, match="num_return_sequences=4 is larger than num_beams=2"):
+        generator.generate(pv, num_beams=2, num_return_sequences=4)
+    with pytest.raises(InputError, match="larger than num_beams=1"):
+        generator.generate(pv, num_return_sequences=2)
+    max_positions = generator.manifest.max_positions
+    assert generator.generate(pv, max_new_tokens=max_positions - 1).shape[1] <= max_positions
+    with pytest.raises(InputError, match=f"decoder has {max_positions}"):
+        generator.generate(pv, max_new_tokens=max_positions)
+    with pytest.raises(InputError, match="early_stopping"):
+        generator.generate(pv, num_beams=2, early_stopping="sometimes")
+
+
+def _break(export_dir: Path, tmp_path: Path, how: str) -> Path:
+    broken = tmp_path / how
+    shutil.copytree(export_dir, broken)
+    if how == "no-manifest":
+        (broken / "vedrt.json").unlink()
+    elif how == "bad-json":
+        (broken / "vedrt.json").write_text("{ nope")
+    elif how == "wrong-structure":
+        (broken / "vedrt.json").write_text(json.dumps({"format_version": 1, "graphs": []}))
+    elif how == "missing-field":
+        data = json.loads((broken / "vedrt.json").read_text())
+        del data["decoder"]["num_heads"]
+        (broken / "vedrt.json").write_text(json.dumps(data))
+    elif how == "no-decoder":
+        (broken / "decoder.onnx").unlink()
+    elif how == "corrupt-decoder":
+        (broken / "decoder.onnx").write_bytes(b"\x00garbage" * 100)
+    elif how == "truncated-encoder":
+        data = (broken / "encoder.onnx").read_bytes()
+        (broken / "encoder.onnx").write_bytes(data[: len(data) // 3])
+    elif how == "future-version":
+        data = json.loads((broken / "vedrt.json").read_text())
+        data["format_version"] = 99
+        (broken / "vedrt.json").write_text(json.dumps(data))
+    return broken
+
+
+BROKEN = [
+    "no-manifest",
+    "bad-json",
+    "wrong-structure",
+    "missing-field",
+    "no-decoder",
+    "corrupt-decoder",
+    "truncated-encoder",
+    "future-version",
+]
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_broken_export_dirs(export_dir, tmp_path, how):
+    broken = _break(export_dir, tmp_path, how)
+    with pytest.raises(InputError) as info:
+        load(broken)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_export_dir(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load(tmp_path / "nowhere")
+    with pytest.raises(InputError, match="backend"):
+        load(tmp_path, backend="tensorflow")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vedrt.cli", "caption", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_cli_captions_and_reports_bad_images(export_dir, image_files):
+    f = image_files
+    result = run_cli(
+        f["a.png"],
+        f["bad.png"],
+        f["b.jpg"],
+        f["cut.png"],
+        "--model",
+        export_dir,
+        "--max-new-tokens",
+        "4",
+    )
+    assert result.returncode == 2
+    lines = result.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(f["a.png"]), str(f["b.jpg"])]
+    errors = result.stderr.splitlines()
+    assert any(str(f["bad.png"]) in e for e in errors) and any(
+        str(f["cut.png"]) in e for e in errors
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_json_beams_threads(export_dir, image_files):
+    result = run_cli(
+        image_files["a.png"],
+        "--model",
+        export_dir,
+        "--json",
+        "--num-beams",
+        "3",
+        "--threads",
+        "1",
+        "--max-new-tokens",
+        "4",
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["image"] == str(image_files["a.png"]) and isinstance(record["caption"], str)
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--model", "/nonexistent/export"], "not found"),
+        (["--max-new-tokens", "0"], "must be >= 1"),
+        (["--max-new-tokens", "500"], "positions"),
+    ],
+)
+def test_cli_usage_errors(export_dir, image_files, args, words, capsys):
+    if "--model" not in args:
+        args = [*args, "--model", str(export_dir)]
+    assert main(["caption", str(image_files["a.png"]), *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_without_model_or_images(monkeypatch, tmp_path, capsys, image_files):
+    import vedrt.runtime.cli as caption_cli
+
+    monkeypatch.setattr(caption_cli, "DEFAULT_MODEL", tmp_path / "scenes")
+    assert main(["caption", str(image_files["a.png"])]) == 2
+    assert "default scene model is not installed" in capsys.readouterr().err
+    assert main(["caption"]) == 2
+    assert "no images" in capsys.readouterr().err
+
+
+def test_cli_export_without_tokenizer(exported, image_files, capsys):
+    _, out = exported("vit", "gpt2")
+    if (out / "tokenizer.json").exists():
+        pytest.skip("the shared export has a tokenizer")
+    assert main(["caption", str(image_files["a.png"]), "--model", str(out)]) == 2
+    assert "tokenizer" in capsys.readouterr().err
+
+
+def test_no_torch_or_transformers_imported(export_dir, image_files):
+    code = (
+        "import sys\n"
+        "import vedrt.runtime\n"
+        "from vedrt.cli import main\n"
+        f"rc = main(['caption', {str(image_files['a.png'])!r}, '--model', {str(export_dir)!r}, '--max-new-tokens', '3'])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "print('HEAVY', heavy, 'RC', rc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert "HEAVY [] RC 0" in result.stdout, result.stdout + result.stderr

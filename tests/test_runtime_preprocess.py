@@ -1,0 +1,117 @@
+"""The runtime's numpy/PIL preprocessing gives transformers' pixel values (within 1e-5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vedrt.runtime.errors import InputError
+from vedrt.runtime.preprocess import ImageProcessor, load_image
+
+transformers = pytest.importorskip("transformers")
+
+
+def images() -> list[Image.Image]:
+    rng = np.random.RandomState(0)
+    out = []
+    for h, w in [(48, 64), (64, 48), (31, 97), (224, 224), (20, 12)]:
+        out.append(Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)))
+    smooth = np.linspace(0, 255, 80 * 60 * 3).reshape(80, 60, 3).astype(np.uint8)
+    out.append(Image.fromarray(smooth))
+    return out
+
+
+def odd_modes() -> list[Image.Image]:
+    rng = np.random.RandomState(1)
+    rgba = Image.fromarray(rng.randint(0, 256, (40, 50, 4), dtype=np.uint8), "RGBA")
+    gray = Image.fromarray(rng.randint(0, 256, (40, 50), dtype=np.uint8), "L")
+    palette = Image.fromarray(rng.randint(0, 256, (40, 50, 3), dtype=np.uint8)).convert("P")
+    return [rgba, gray, palette]
+
+
+PROCESSORS = {
+    "vit-default": lambda T: T.ViTImageProcessor(),
+    "vit-small-bicubic": lambda T: T.ViTImageProcessor(
+        size={"height": 32, "width": 40}, resample=3
+    ),
+    "vit-no-normalize": lambda T: T.ViTImageProcessor(
+        size={"height": 30, "width": 30}, do_normalize=False
+    ),
+    "deit": lambda T: T.DeiTImageProcessor(
+        size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32}
+    ),
+    "deit-crop-pads": lambda T: T.DeiTImageProcessor(
+        size={"height": 20, "width": 20}, crop_size={"height": 24, "width": 22}
+    ),
+    "beit": lambda T: T.BeitImageProcessor(
+        size={"height": 36, "width": 36}, crop_size={"height": 32, "width": 32}
+    ),
+    "donut": lambda T: T.DonutImageProcessor(size={"height": 64, "width": 48}),
+    "donut-align": lambda T: T.DonutImageProcessor(
+        size={"height": 48, "width": 64}, do_align_long_axis=True, resample=3
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PROCESSORS))
+def test_matches_transformers(name, tmp_path):
+    hf = PROCESSORS[name](transformers)
+    hf.to_json_file(str(tmp_path / "preprocessor_config.json"))
+    ours = ImageProcessor.from_file(tmp_path / "preprocessor_config.json")
+    for image in images():
+        expected = hf(image, return_tensors="np")["pixel_values"]
+        got = ours([image])
+        assert got.dtype == np.float32 and got.shape == expected.shape, (name, image.size)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["vit-default", "deit", "donut"])
+def test_other_modes_become_rgb(name, tmp_path):
+    hf = PROCESSORS[name](transformers)
+    hf.to_json_file(str(tmp_path / "preprocessor_config.json"))
+    ours = ImageProcessor.from_file(tmp_path / "preprocessor_config.json")
+    for image in odd_modes():
+        expected = hf(image.convert("RGB"), return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(ours([image]), expected, atol=1e-5, rtol=0)
+
+
+def test_batch_of_different_sizes_stacks(tmp_path):
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).to_json_file(
+        str(tmp_path / "p.json")
+    )
+    ours = ImageProcessor.from_file(tmp_path / "p.json")
+    assert ours(images()).shape == (len(images()), 3, 32, 32)
+
+
+def test_bad_image_files(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(good)
+    assert load_image(good).size == (20, 20)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image at all")
+    truncated = tmp_path / "cut.png"
+    data = good.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    jpeg = tmp_path / "cut.jpg"
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 64, 3), np.uint8)).save(jpeg)
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    for path, words in [
+        (text, "not an image"),
+        (truncated, "truncated"),
+        (jpeg, "truncated"),
+        (tmp_path / "missing.png", "no such file"),
+        (tmp_path, "directory"),
+    ]:
+        with pytest.raises(InputError, match=words) as info:
+            load_image(path)
+        assert "\n" not in str(info.value)
+
+
+def test_corrupt_processor_config(tmp_path):
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text("{not json")
+    with pytest.raises(InputError, match="corrupt"):
+        ImageProcessor.from_file(path)
+    with pytest.raises(InputError, match="missing"):
+        ImageProcessor.from_file(tmp_path / "nope.json")
