@@ -18,18 +18,38 @@ def encoder_config(name: str, image_size: int = IMAGE):
 
     common = dict(image_size=image_size, num_channels=3)
     if name == "vit":
-        return T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, patch_size=8, **common)
+        return T.ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            patch_size=8,
+            **common,
+        )
     if name == "deit":
-        return T.DeiTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, patch_size=8, **common)
+        return T.DeiTConfig(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            patch_size=8,
+            **common,
+        )
     if name == "beit":
-        return T.BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, patch_size=8, use_relative_position_bias=True,
-                            use_mean_pooling=False, **common)
+        return T.BeitConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            patch_size=8,
+            use_relative_position_bias=True,
+            use_mean_pooling=False,
+            **common,
+        )
     if name == "swin":
-        return T.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=2,
-                            patch_size=4, **common)
+        return T.SwinConfig(
+            embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=2, patch_size=4, **common
+        )
     raise ValueError(name)
 
 
@@ -38,21 +58,54 @@ def decoder_config(name: str, vocab: int = VOCAB):
 
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if name == "gpt2":
-        return T.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                            add_cross_attention=True, **ids)
+        return T.GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            add_cross_attention=True,
+            **ids,
+        )
     if name == "trocr":
-        return T.TrOCRConfig(vocab_size=vocab, d_model=32, hidden_size=32, decoder_layers=2,
-                             decoder_attention_heads=4, decoder_ffn_dim=64, max_position_embeddings=64,
-                             scale_embedding=True, layernorm_embedding=True,
-                             is_decoder=True, add_cross_attention=True, **ids)
+        return T.TrOCRConfig(
+            vocab_size=vocab,
+            d_model=32,
+            hidden_size=32,
+            decoder_layers=2,
+            decoder_attention_heads=4,
+            decoder_ffn_dim=64,
+            max_position_embeddings=64,
+            scale_embedding=True,
+            layernorm_embedding=True,
+            is_decoder=True,
+            add_cross_attention=True,
+            **ids,
+        )
     if name == "bert":
-        return T.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=64, max_position_embeddings=64, is_decoder=True,
-                            add_cross_attention=True, **ids)
+        return T.BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            is_decoder=True,
+            add_cross_attention=True,
+            **ids,
+        )
     if name == "roberta":
-        return T.RobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=4, intermediate_size=64, max_position_embeddings=80,
-                               is_decoder=True, add_cross_attention=True, **ids)
+        return T.RobertaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=80,
+            is_decoder=True,
+            add_cross_attention=True,
+            **ids,
+        )
     raise ValueError(name)
 
 

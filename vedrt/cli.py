@@ -12,10 +12,19 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "caption": ("vedrt.runtime.cli", "caption images with an export directory (default: the shipped scene model)"),
-    "export": ("vedrt.export.cli", "export a VisionEncoderDecoder checkpoint to ONNX graphs with a KV cache"),
+    "caption": (
+        "vedrt.runtime.cli",
+        "caption images with an export directory (default: the shipped scene model)",
+    ),
+    "export": (
+        "vedrt.export.cli",
+        "export a VisionEncoderDecoder checkpoint to ONNX graphs with a KV cache",
+    ),
     "train": ("vedrt.train.cli", "train a captioning model (synthetic scenes or your own data)"),
-    "eval": ("vedrt.train.eval_cli", "exact-match and BLEU-4 of an export directory on held-out data"),
+    "eval": (
+        "vedrt.train.eval_cli",
+        "exact-match and BLEU-4 of an export directory on held-out data",
+    ),
     "bench": ("benchmarks.__main__", "benchmark vedrt against transformers and Optimum"),
     "build": ("vedrt.tensorrt.cli", "build TensorRT FP16 engines from an export directory"),
 }
@@ -50,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        print(f"vedrt {name}: needs the package {exc.name!r}, which is not installed "
-              f"(pip install 'vedrt[export]' for export/train, 'vedrt[tensorrt]' for build)", file=sys.stderr)
+        print(
+            f"vedrt {name}: needs the package {exc.name!r}, which is not installed "
+            f"(pip install 'vedrt[export]' for export/train, 'vedrt[tensorrt]' for build)",
+            file=sys.stderr,
+        )
         return 2
     parser = argparse.ArgumentParser(prog=f"vedrt {name}", description=help_text)
     module.add_arguments(parser)

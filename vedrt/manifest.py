@@ -26,14 +26,18 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
         raise ExportDirError(f"export directory not found: {root}")
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise ExportDirError(f"{root} is not a vedrt export directory (no {MANIFEST_NAME}); create one with `vedrt export`")
+        raise ExportDirError(
+            f"{root} is not a vedrt export directory (no {MANIFEST_NAME}); create one with `vedrt export`"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ExportDirError(f"corrupt manifest {path}: {exc}") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
-        raise ExportDirError(f"{path}: format_version {version!r} is not supported (this vedrt reads {FORMAT_VERSION})")
+        raise ExportDirError(
+            f"{path}: format_version {version!r} is not supported (this vedrt reads {FORMAT_VERSION})"
+        )
     for name in GRAPHS:
         graph = manifest.get("graphs", {}).get(name)
         if not graph or not (root / graph["file"]).is_file():

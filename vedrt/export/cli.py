@@ -15,12 +15,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(cross-attention keys/values, once per image), decoder.onnx (one KV-cached step), the tokenizer, "
         "image processor and generation configs, and vedrt.json. The graphs are checked against PyTorch."
     )
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a directory saved with VisionEncoderDecoderModel.save_pretrained")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the export directory (must be empty or absent)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18, the minimum)")
-    parser.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch (not recommended)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
-    parser.add_argument("--quantize", choices=["int8"], default=None, help="dynamic int8 weights for the MatMuls")
+    parser.add_argument(
+        "model_dir",
+        metavar="MODEL_DIR",
+        help="a directory saved with VisionEncoderDecoderModel.save_pretrained",
+    )
+    parser.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        help="where to write the export directory (must be empty or absent)",
+    )
+    parser.add_argument(
+        "--opset", type=int, default=None, help="ONNX opset (default 18, the minimum)"
+    )
+    parser.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="skip the comparison with PyTorch (not recommended)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR if it is not empty"
+    )
+    parser.add_argument(
+        "--quantize", choices=["int8"], default=None, help="dynamic int8 weights for the MatMuls"
+    )
 
 
 class _Stages:

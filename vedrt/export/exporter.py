@@ -23,6 +23,14 @@ from .graphs import DEFAULT_OPSET, export_graphs
 from .modules import decoder_dims
 from .validate import Validation, ValidationError, validate_export
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 STAGES = ("load", "encoder.onnx", "cross_kv.onnx", "decoder.onnx", "validate", "write")
 
 
@@ -47,11 +55,15 @@ class ExportReport:
 
     def summary(self) -> str:
         mb = 1e6
-        lines = [f"exported {self.encoder} + {self.decoder} to {self.out_dir} in {self.seconds:.1f}s"]
+        lines = [
+            f"exported {self.encoder} + {self.decoder} to {self.out_dir} in {self.seconds:.1f}s"
+        ]
         for name, size in self.graph_bytes.items():
             lines.append(f"  {name:<14} {size / mb:10.1f} MB")
         ratio = self.total_bytes / max(self.parameter_bytes, 1)
-        lines.append(f"  {'total':<14} {self.total_bytes / mb:10.1f} MB ({ratio:.3f}x the fp32 parameters)")
+        lines.append(
+            f"  {'total':<14} {self.total_bytes / mb:10.1f} MB ({ratio:.3f}x the fp32 parameters)"
+        )
         if self.validation is None:
             lines.append("  validation: skipped (--no-validate)")
         else:
@@ -81,14 +93,18 @@ def _load(model_or_dir):
         except json.JSONDecodeError as exc:
             raise ExportError(f"corrupt {config_path}: {exc}") from None
         if model_type != "vision-encoder-decoder":
-            raise ExportError(f"{src} holds a {model_type!r} model, not a VisionEncoderDecoderModel")
+            raise ExportError(
+                f"{src} holds a {model_type!r} model, not a VisionEncoderDecoderModel"
+            )
         try:
             model = VisionEncoderDecoderModel.from_pretrained(src, attn_implementation="eager")
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot load {src}: {str(exc).splitlines()[0]}") from None
         return model.eval(), src
     if not isinstance(model_or_dir, VisionEncoderDecoderModel):
-        raise ExportError(f"expected a VisionEncoderDecoderModel or its directory, got {type(model_or_dir).__name__}")
+        raise ExportError(
+            f"expected a VisionEncoderDecoderModel or its directory, got {type(model_or_dir).__name__}"
+        )
     return model_or_dir.eval(), None
 
 
@@ -98,7 +114,11 @@ def _image_size(config) -> tuple[int, int]:
 
 
 def _patch_grid(enc_config, family, image_size: tuple[int, int]) -> tuple[int, int]:
-    patch = enc_config.patch_size if isinstance(enc_config.patch_size, int) else enc_config.patch_size[0]
+    patch = (
+        enc_config.patch_size
+        if isinstance(enc_config.patch_size, int)
+        else enc_config.patch_size[0]
+    )
     stride = patch * (2 ** (len(enc_config.depths) - 1) if family.hierarchical else 1)
     return image_size[0] // stride, image_size[1] // stride
 
@@ -107,26 +127,32 @@ def _prepare_destination(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"output path exists and is not a directory: {out_dir}")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"output directory {out_dir} is not empty (use --overwrite to replace it)")
+        raise ExportError(
+            f"output directory {out_dir} is not empty (use --overwrite to replace it)"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _write_side_files(model, src: Path | None, tmp: Path, image_size: tuple[int, int], tokenizer, image_processor) -> list[str]:
+def _write_side_files(
+    model, src: Path | None, tmp: Path, image_size: tuple[int, int], tokenizer, image_processor
+) -> list[str]:
     """Tokenizer, image processor, generation and model configs; returns warnings."""
     warnings = []
     model.config.to_json_file(str(tmp / "config.json"))
     model.generation_config.to_json_file(str(tmp / "generation_config.json"))
-    if tokenizer is None and src is not None:
+    if tokenizer is None and src is not None and any((src / f).is_file() for f in TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(src, use_fast=True)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None
+        except Exception as exc:  # the tokenizer zoo raises anything; the graphs are still good
+            warnings.append(f"could not load the tokenizer from {src}: {str(exc).splitlines()[0]}")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     if not (tmp / "tokenizer.json").is_file():
-        warnings.append("no fast tokenizer found: the export can generate token ids but not caption text")
+        warnings.append(
+            "no fast tokenizer found: the export can generate token ids but not caption text"
+        )
     if image_processor is not None:
         image_processor.save_pretrained(str(tmp))
     elif src is not None and (src / "preprocessor_config.json").is_file():
@@ -137,11 +163,24 @@ def _write_side_files(model, src: Path | None, tmp: Path, image_size: tuple[int,
         ViTImageProcessor(size={"height": image_size[0], "width": image_size[1]}).to_json_file(
             str(tmp / "preprocessor_config.json")
         )
-        warnings.append("no image processor found: wrote ViTImageProcessor defaults (resize, mean/std 0.5)")
+        warnings.append(
+            "no image processor found: wrote ViTImageProcessor defaults (resize, mean/std 0.5)"
+        )
     return warnings
 
 
-def _manifest(model, specs, image_size, family_enc, family_dec, opset, validation, enc_len, enc_dim, graph_bytes):
+def _manifest(
+    model,
+    specs,
+    image_size,
+    family_enc,
+    family_dec,
+    opset,
+    validation,
+    enc_len,
+    enc_dim,
+    graph_bytes,
+):
     import torch
     import transformers
 
@@ -150,7 +189,11 @@ def _manifest(model, specs, image_size, family_enc, family_dec, opset, validatio
     dec_config = model.decoder.config
     layers, heads, head_dim = decoder_dims(dec_config)
     gen = model.generation_config
-    start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else model.config.decoder_start_token_id
+    start = (
+        gen.decoder_start_token_id
+        if gen.decoder_start_token_id is not None
+        else model.config.decoder_start_token_id
+    )
     graphs = {
         name: {
             "file": spec.file,
@@ -227,7 +270,9 @@ def export_model(
         raise NotImplementedError(f"quantize={quantize!r} is not implemented yet")
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if opset < DEFAULT_OPSET:
-        raise ExportError(f"opset {opset} is not supported: the exporter needs opset >= {DEFAULT_OPSET}")
+        raise ExportError(
+            f"opset {opset} is not supported: the exporter needs opset >= {DEFAULT_OPSET}"
+        )
     progress = progress or (lambda stage: None)
     out = Path(out_dir).absolute()
     _prepare_destination(out, overwrite)
@@ -262,7 +307,19 @@ def export_model(
         graph_bytes = {spec.file: (tmp / spec.file).stat().st_size for spec in specs.values()}
         enc_shape = specs["encoder"].outputs[0].shape
         write_manifest(
-            tmp, _manifest(model, specs, image_size, fam_enc, fam_dec, opset, validation, enc_shape[1], enc_shape[2], graph_bytes)
+            tmp,
+            _manifest(
+                model,
+                specs,
+                image_size,
+                fam_enc,
+                fam_dec,
+                opset,
+                validation,
+                enc_shape[1],
+                enc_shape[2],
+                graph_bytes,
+            ),
         )
         _move_into_place(tmp, out)
     except BaseException:

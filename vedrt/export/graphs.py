@@ -1,8 +1,10 @@
 """Trace the three modules to ONNX with their names and dynamic axes.
 
-Uses the dynamo exporter at opset 18: at 17 it writes an invalid `Split`, and the TorchScript
-exporter freezes shapes that must stay dynamic. Example inputs use sizes of at least 2 on every
-dynamic axis, since torch.export specializes axes it sees at size 0 or 1.
+Opset 18 at least (the dynamo exporter writes an invalid `Split` at 17). The TorchScript exporter
+runs first: it is several times faster, and our modules avoid the transformers mask code whose
+shapes it would freeze (validation checks other batch and cache sizes than the traced ones). The
+dynamo exporter is the fallback. Example inputs use sizes of at least 2 on every dynamic axis, as
+torch.export specializes axes it sees at size 0 or 1, and are contiguous (it cannot lower strides).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
 
 
-def graph_specs(model, image_size: tuple[int, int], enc_len: int, enc_dim: int) -> dict[str, GraphSpec]:
+def graph_specs(
+    model, image_size: tuple[int, int], enc_len: int, enc_dim: int
+) -> dict[str, GraphSpec]:
     """The names and shapes of every graph's inputs and outputs: the contract with the runtime."""
     layers, heads, hd = decoder_dims(model.decoder.config)
     vocab = model.decoder.config.vocab_size
@@ -59,7 +63,8 @@ def graph_specs(model, image_size: tuple[int, int], enc_len: int, enc_dim: int) 
         for kv in ("key", "value")
     )
     attn = tuple(
-        TensorSpec(f"cross_attn.{i}", f32, ("batch_beams", heads, "new_len", enc_len)) for i in range(layers)
+        TensorSpec(f"cross_attn.{i}", f32, ("batch_beams", heads, "new_len", enc_len))
+        for i in range(layers)
     )
     states = TensorSpec("encoder_hidden_states", f32, ("batch", enc_len, enc_dim))
     return {
@@ -85,9 +90,11 @@ def _dynamic(spec: TensorSpec) -> dict[int, torch.export.Dim] | None:
     return axes or None
 
 
-def _export(module, args: tuple, spec: GraphSpec, path: Path, opset: int) -> None:
+def _dynamo(module, args: tuple, spec: GraphSpec, opset: int) -> onnx.ModelProto:
     flat_inputs = list(spec.inputs)
-    if isinstance(module, DecoderStep):  # its forward takes (ids, past_length, cache list, cross list)
+    if isinstance(
+        module, DecoderStep
+    ):  # its forward takes (ids, past_length, cache list, cross list)
         n_cache = (len(flat_inputs) - 2) // 2
         dyn = (
             _dynamic(flat_inputs[0]),
@@ -97,25 +104,48 @@ def _export(module, args: tuple, spec: GraphSpec, path: Path, opset: int) -> Non
         )
     else:
         dyn = tuple(_dynamic(s) for s in flat_inputs)
-    sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), torch.no_grad():
+    program = torch.onnx.export(
+        module,
+        args,
+        dynamo=True,
+        opset_version=opset,
+        input_names=[s.name for s in flat_inputs],
+        output_names=[s.name for s in spec.outputs],
+        dynamic_shapes=dyn,
+        external_data=False,
+        optimize=True,
+    )
+    return program.model_proto
+
+
+def _torchscript(module, args: tuple, spec: GraphSpec, opset: int) -> onnx.ModelProto:
+    def axes(t: TensorSpec) -> dict[int, str]:
+        return {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        module,
+        args,
+        buffer,
+        dynamo=False,
+        opset_version=opset,
+        input_names=[s.name for s in spec.inputs],
+        output_names=[s.name for s in spec.outputs],
+        dynamic_axes={t.name: axes(t) for t in spec.inputs + spec.outputs if axes(t)},
+    )
+    return onnx.load_model_from_string(buffer.getvalue())
+
+
+def _export(module, args: tuple, spec: GraphSpec, path: Path, opset: int) -> None:
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            opset_version=opset,
-            input_names=[s.name for s in flat_inputs],
-            output_names=[s.name for s in spec.outputs],
-            dynamic_shapes=dyn,
-            external_data=False,
-            verbose=False,
-            optimize=True,
-        )
-    proto = program.model_proto
+        try:
+            proto = _torchscript(module, args, spec, opset)
+        except Exception:  # a torch without the TorchScript exporter: dynamo is slower but works
+            proto = _dynamo(module, args, spec, opset)
     _name_axes(proto.graph.input, spec.inputs)
     _name_axes(proto.graph.output, spec.outputs)
-    for node in proto.graph.node:  # the tracer's stack traces: a large share of a small model's file
+    for node in proto.graph.node:  # tracer stack traces: a large share of a small model's file
         node.ClearField("metadata_props")
         node.doc_string = ""
     onnx.save(proto, str(path))
@@ -129,21 +159,37 @@ def _name_axes(values, specs: tuple[TensorSpec, ...]) -> None:
                 dim.dim_param = want
 
 
-def example_inputs(model, image_size: tuple[int, int], batch: int = 2, beams: int = 2, past: int = 2,
-                   new: int = 2, cache_len: int = 5, seed: int = 0):
+def example_inputs(
+    model,
+    image_size: tuple[int, int],
+    batch: int = 2,
+    beams: int = 2,
+    past: int = 2,
+    new: int = 2,
+    cache_len: int = 5,
+    seed: int = 0,
+):
     """Random inputs for every graph (also used by validation): pixel values, token ids, caches."""
     g = torch.Generator().manual_seed(seed)
     layers, heads, hd = decoder_dims(model.decoder.config)
     pixel_values = torch.randn(batch, 3, *image_size, generator=g)
     vocab = model.decoder.config.vocab_size
     ids = torch.randint(3, vocab, (batch * beams, past + new), generator=g)
-    cache = [torch.randn(batch * beams, heads, cache_len, hd, generator=g) for _ in range(2 * layers)]
+    cache = [
+        torch.randn(batch * beams, heads, cache_len, hd, generator=g) for _ in range(2 * layers)
+    ]
     return pixel_values, ids, cache
 
 
-def export_graphs(model, out_dir: Path, image_size: tuple[int, int], opset: int, progress) -> dict[str, GraphSpec]:
+def export_graphs(
+    model, out_dir: Path, image_size: tuple[int, int], opset: int, progress
+) -> dict[str, GraphSpec]:
     """Write encoder.onnx, cross_kv.onnx and decoder.onnx; returns their specs."""
-    encoder, cross_kv, step = EncoderGraph(model).eval(), CrossKV(model).eval(), DecoderStep(model).eval()
+    encoder, cross_kv, step = (
+        EncoderGraph(model).eval(),
+        CrossKV(model).eval(),
+        DecoderStep(model).eval(),
+    )
     pixel_values, ids, cache = example_inputs(model, image_size)
     with torch.no_grad():
         states = encoder(pixel_values)
@@ -154,6 +200,11 @@ def export_graphs(model, out_dir: Path, image_size: tuple[int, int], opset: int,
     progress("cross_kv.onnx")
     _export(cross_kv, (states.contiguous(),), specs["cross_kv"], out_dir / "cross_kv.onnx", opset)
     progress("decoder.onnx")
-    args = (ids[:, :2].contiguous(), torch.tensor(2, dtype=torch.int64), list(cache), [c.contiguous() for c in cross])
+    args = (
+        ids[:, :2].contiguous(),
+        torch.tensor(2, dtype=torch.int64),
+        list(cache),
+        [c.contiguous() for c in cross],
+    )
     _export(step, args, specs["decoder"], out_dir / "decoder.onnx", opset)
     return specs

@@ -97,9 +97,13 @@ class DecoderStep(nn.Module):
         self.num_layers, self.heads, self.head_dim = decoder_dims(config)
         base = get_path(decoder, f.base)
         self.blocks = get_path(base, f.layers)
-        self.scales = [_attention_scale(config, f, i, self.head_dim) for i in range(self.num_layers)]
+        self.scales = [
+            _attention_scale(config, f, i, self.head_dim) for i in range(self.num_layers)
+        ]
         self.token_embedding = get_path(base, f.token_embedding)
-        self.embed_scale = float(getattr(self.token_embedding, f.embed_scale_attr or "", 1.0) or 1.0)
+        self.embed_scale = float(
+            getattr(self.token_embedding, f.embed_scale_attr or "", 1.0) or 1.0
+        )
         self.positions = f.positions
         self.padding_idx = config.pad_token_id if config.pad_token_id is not None else 1
         pos = get_path(base, f.position_embedding)
@@ -109,7 +113,8 @@ class DecoderStep(nn.Module):
             self.register_buffer("position_table", pos.weights.clone(), persistent=False)
             self.positions = "padding"
         tte = get_path(base, f.token_type_embedding) if f.token_type_embedding else None
-        self.token_type_row = tte.weight[0] if tte is not None else None
+        row = tte.weight.detach()[0].clone() if tte is not None else None
+        self.register_buffer("token_type_row", row, persistent=False)
         self.embedding_norm = get_path(base, f.embedding_norm) if f.embedding_norm else None
         self.final_norm = get_path(base, f.final_norm) if f.final_norm else None
         self.head_dense = get_path(decoder, f.head_dense) if f.head_dense else None
@@ -126,7 +131,9 @@ class DecoderStep(nn.Module):
         # in its columns instead.
         self.tied = head.weight is self.token_embedding.weight
         if self.tied:
-            self.head_weight_t = nn.Parameter(head.weight.detach().t().contiguous(), requires_grad=False)
+            self.head_weight_t = nn.Parameter(
+                head.weight.detach().t().contiguous(), requires_grad=False
+            )
         else:
             self.head = head
         self.head_bias = head.bias if self.tied else None
@@ -136,7 +143,9 @@ class DecoderStep(nn.Module):
         if self.tied:
             tokens = self.head_weight_t.index_select(1, input_ids.reshape(-1)).t().reshape(n, t, -1)
         else:
-            tokens = self.token_embedding.weight.index_select(0, input_ids.reshape(-1)).reshape(n, t, -1)
+            tokens = self.token_embedding.weight.index_select(0, input_ids.reshape(-1)).reshape(
+                n, t, -1
+            )
         tokens = tokens * self.embed_scale if self.embed_scale != 1.0 else tokens
         steps = torch.arange(t, device=input_ids.device).unsqueeze(0)
         if self.positions == "padding":
@@ -171,7 +180,9 @@ class DecoderStep(nn.Module):
         causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         new_scores = new_scores.masked_fill(~causal, neg)
         probs = torch.softmax(torch.cat([past_scores, new_scores], dim=-1), dim=-1)
-        out = torch.matmul(probs[..., :cache_len], cache_v) + torch.matmul(probs[..., cache_len:], v)
+        out = torch.matmul(probs[..., :cache_len], cache_v) + torch.matmul(
+            probs[..., cache_len:], v
+        )
         return get_path(block, f.self_out)(_merge_heads(out)), k, v
 
     def cross_attention(self, block, x, cross_k, cross_v, scale):
@@ -191,10 +202,14 @@ class DecoderStep(nn.Module):
     def block_forward(self, i, block, x, past_length, cache_k, cache_v, cross_k, cross_v):
         f = self.family
         norm = lambda name, y: get_path(block, name)(y)  # noqa: E731
-        ffn = lambda y: get_path(block, f.fc2)(get_path(block, f.activation)(get_path(block, f.fc1)(y)))  # noqa: E731
+        ffn = lambda y: get_path(block, f.fc2)(
+            get_path(block, f.activation)(get_path(block, f.fc1)(y))
+        )  # noqa: E731
         scale = self.scales[i]
         if f.pre_norm:
-            a, k, v = self.self_attention(block, norm(f.norm_self, x), past_length, cache_k, cache_v, scale)
+            a, k, v = self.self_attention(
+                block, norm(f.norm_self, x), past_length, cache_k, cache_v, scale
+            )
             x = x + a
             c, probs = self.cross_attention(block, norm(f.norm_cross, x), cross_k, cross_v, scale)
             x = x + c
@@ -222,7 +237,14 @@ class DecoderStep(nn.Module):
         new_kv, attn = [], []
         for i, block in enumerate(self.blocks):
             x, k, v, probs = self.block_forward(
-                i, block, x, past_length, self_cache[2 * i], self_cache[2 * i + 1], cross[2 * i], cross[2 * i + 1]
+                i,
+                block,
+                x,
+                past_length,
+                self_cache[2 * i],
+                self_cache[2 * i + 1],
+                cross[2 * i],
+                cross[2 * i + 1],
             )
             new_kv += [k, v]
             attn.append(probs)

@@ -1,0 +1,198 @@
+"""Exporter: every encoder x decoder row exports and validates against transformers; bad input fails cleanly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tiny_models import DECODERS, ENCODERS, tiny_model
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+def _initializer_bytes(path) -> int:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    big = [numpy_helper.to_array(t).nbytes for t in model.graph.initializer]
+    return sum(b for b in big if b > 1024)  # weights, not shape constants
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_every_row_exports_and_validates(exported, encoder, decoder):
+    model, out = exported(encoder, decoder)
+    manifest = json.loads((out / "vedrt.json").read_text())
+    assert manifest["validation"]["passed"] is True
+    for key in ("encoder_max_abs_diff", "first_step_max_abs_diff", "cached_step_max_abs_diff"):
+        assert manifest["validation"][key] <= 1e-4
+    assert manifest["encoder"]["family"] == encoder
+    assert manifest["decoder"]["family"] == decoder
+    for name in (
+        "encoder.onnx",
+        "cross_kv.onnx",
+        "decoder.onnx",
+        "config.json",
+        "generation_config.json",
+        "preprocessor_config.json",
+    ):
+        assert (out / name).is_file(), name
+    # every weight stored once: the graphs' weights add up to no more than the checkpoint's
+    weights = sum(_initializer_bytes(out / g["file"]) for g in manifest["graphs"].values())
+    params = sum(p.numel() for p in model.parameters()) * 4
+    assert weights <= params * 1.01
+
+
+def test_manifest_names_match_the_graphs(exported):
+    import onnxruntime as ort
+
+    _, out = exported("vit", "gpt2")
+    manifest = json.loads((out / "vedrt.json").read_text())
+    for graph in manifest["graphs"].values():
+        sess = ort.InferenceSession(str(out / graph["file"]))
+        assert [i.name for i in sess.get_inputs()] == [t["name"] for t in graph["inputs"]]
+        assert [o.name for o in sess.get_outputs()] == [t["name"] for t in graph["outputs"]]
+        for io, spec in zip(sess.get_inputs(), graph["inputs"], strict=True):
+            assert list(io.shape) == spec["shape"]
+    dec = manifest["decoder"]
+    assert (dec["num_layers"], dec["num_heads"], dec["head_dim"]) == (2, 4, 8)
+    assert manifest["special_tokens"]["decoder_start_token_id"] == 1
+    assert manifest["encoder"]["enc_len"] == 17 and manifest["encoder"]["patch_grid"] == [4, 4]
+
+
+def test_cross_kv_is_shared_by_beams_not_expanded(exported):
+    """The decoder takes cross K/V for `batch` images while its tokens are batch*beams rows."""
+    import onnxruntime as ort
+
+    _, out = exported("vit", "gpt2")
+    enc = ort.InferenceSession(str(out / "encoder.onnx"))
+    xkv = ort.InferenceSession(str(out / "cross_kv.onnx"))
+    dec = ort.InferenceSession(str(out / "decoder.onnx"))
+    rng = np.random.default_rng(0)
+    states = enc.run(None, {"pixel_values": rng.standard_normal((2, 3, 32, 32), dtype=np.float32)})[
+        0
+    ]
+    cross = xkv.run(None, {"encoder_hidden_states": states})
+    assert cross[0].shape[0] == 2
+    feed = {
+        "input_ids": np.full((6, 1), 1, dtype=np.int64),
+        "past_length": np.array(0, dtype=np.int64),
+    }
+    for i in range(2):
+        feed[f"self_key.{i}"] = feed[f"self_value.{i}"] = np.zeros((6, 4, 3, 8), np.float32)
+        feed[f"cross_key.{i}"], feed[f"cross_value.{i}"] = cross[2 * i], cross[2 * i + 1]
+    logits = dec.run(["logits"], feed)[0]
+    assert logits.shape == (6, 96)
+    # the three beams of one image see the same image and the same token: identical rows
+    np.testing.assert_allclose(logits[0], logits[2], atol=1e-6)
+    assert np.abs(logits[0] - logits[3]).max() > 1e-4  # the other image differs
+
+
+def test_export_from_saved_directory_with_cli(tmp_path, capsys):
+    from vedrt.cli import main
+
+    model = tiny_model("vit", "gpt2")
+    model.save_pretrained(tmp_path / "ckpt")
+    code = main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr()
+    assert "validation: passed" in printed.out and "decoder.onnx" in printed.out
+    assert "[6/6] write" in printed.err
+    assert (tmp_path / "out" / "vedrt.json").is_file()
+    # the destination is now non-empty: refused without --overwrite, replaced with it
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--no-validate"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "ckpt"),
+                str(tmp_path / "out"),
+                "--no-validate",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    manifest = json.loads((tmp_path / "out" / "vedrt.json").read_text())
+    assert manifest["validation"] is None
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, "model directory not found"),
+        (lambda p: p.mkdir(), "has no config.json"),
+        (lambda p: (p.mkdir(), (p / "config.json").write_text("{not json")), "corrupt"),
+        (
+            lambda p: (p.mkdir(), (p / "config.json").write_text('{"model_type": "gpt2"}')),
+            "not a VisionEncoderDecoderModel",
+        ),
+    ],
+)
+def test_bad_model_directories_give_one_line_errors(tmp_path, capsys, setup, message):
+    from vedrt.cli import main
+
+    src = tmp_path / "model"
+    setup(src)
+    assert main(["export", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "".join(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    import transformers as T
+
+    from vedrt.export import ExportError, export_model
+
+    config = T.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        T.YolosConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=[32, 32],
+            patch_size=8,
+            num_detection_tokens=2,
+        ),
+        tiny_model().decoder.config,
+    )
+    model = T.VisionEncoderDecoderModel(config=config)
+    with pytest.raises(
+        ExportError, match="unsupported encoder 'yolos'; supported encoders: vit, deit, beit, swin"
+    ):
+        export_model(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_or_interrupted_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    from vedrt.export import ValidationError, export_model, exporter
+    from vedrt.export.validate import Validation
+
+    model = tiny_model("vit", "gpt2")
+    monkeypatch.setattr(exporter, "validate_export", lambda *a, **k: Validation(0.0, 0.5, 0.0))
+    with pytest.raises(
+        ValidationError, match="validation failed: max \\|logits difference\\| 5.000e-01"
+    ):
+        export_model(model, tmp_path / "out")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter, "validate_export", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # no destination, no partial directory
+
+
+def test_quantize_is_reserved_and_old_opsets_refused(tmp_path):
+    from vedrt.export import ExportError, export_model
+
+    with pytest.raises(NotImplementedError, match="int8"):
+        export_model(tiny_model(), tmp_path / "a", quantize="int8")
+    with pytest.raises(ExportError, match="opset 17"):
+        export_model(tiny_model(), tmp_path / "b", opset=17)
