@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Fast, exact inference for encoder-decoder image captioning and OCR models.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in SUBCOMMANDS.items():
+    for name, (_module, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 

@@ -201,10 +201,13 @@ class DecoderStep(nn.Module):
 
     def block_forward(self, i, block, x, past_length, cache_k, cache_v, cross_k, cross_v):
         f = self.family
-        norm = lambda name, y: get_path(block, name)(y)  # noqa: E731
-        ffn = lambda y: get_path(block, f.fc2)(
-            get_path(block, f.activation)(get_path(block, f.fc1)(y))
-        )  # noqa: E731
+
+        def norm(name, y):
+            return get_path(block, name)(y)
+
+        def ffn(y):
+            return get_path(block, f.fc2)(get_path(block, f.activation)(get_path(block, f.fc1)(y)))
+
         scale = self.scales[i]
         if f.pre_norm:
             a, k, v = self.self_attention(
