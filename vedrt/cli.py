@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in ("vedrt", "benchmarks"):
+            raise  # our own module missing is a bug, not a missing extra
         print(
             f"vedrt {name}: needs the package {exc.name!r}, which is not installed "
             f"(pip install 'vedrt[export]' for export/train, 'vedrt[tensorrt]' for build)",
