@@ -196,3 +196,49 @@ def test_quantize_is_reserved_and_old_opsets_refused(tmp_path):
         export_model(tiny_model(), tmp_path / "a", quantize="int8")
     with pytest.raises(ExportError, match="opset 17"):
         export_model(tiny_model(), tmp_path / "b", opset=17)
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import onnx
+
+    from vedrt.cli import main
+
+    tiny_model("vit", "gpt2").save_pretrained(tmp_path / "ckpt")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", full)
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("export failed, nothing written: No space left on device")
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_tokenizer_and_processor_travel_with_the_export(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, ViTImageProcessor
+
+    from vedrt.export import export_model
+
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2} | {c: i + 3 for i, c in enumerate("abcdefgh")}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    model = tiny_model("vit", "gpt2")
+    model.save_pretrained(tmp_path / "ckpt")
+    fast.save_pretrained(tmp_path / "ckpt")
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.1, 0.2, 0.3]).save_pretrained(
+        tmp_path / "ckpt"
+    )
+    report = export_model(tmp_path / "ckpt", tmp_path / "out", validate=False)
+    assert report.warnings == ()
+    assert Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json")).encode("a b").ids == [3, 4]
+    processor = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == [0.1, 0.2, 0.3]

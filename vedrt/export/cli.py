@@ -80,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     except (ExportError, ValidationError, NotImplementedError) as exc:
         stages.close()
         raise UsageError(str(exc)) from None
+    except OSError as exc:  # disk full, permissions: nothing was left behind, say why in one line
+        stages.close()
+        raise UsageError(f"export failed, nothing written: {exc.strerror or exc}") from None
     stages.close()
     print(report.summary())
     return 0
