@@ -216,6 +216,29 @@ def test_cli_json_beams_threads(export_dir, image_files):
     assert record["image"] == str(image_files["a.png"]) and isinstance(record["caption"], str)
 
 
+@pytest.mark.parametrize("beams", ["1", "3"])
+def test_cli_explain_writes_attention_maps(export_dir, image_files, tmp_path, beams):
+    pytest.importorskip("vedrt.runtime.explain")
+    out = tmp_path / "map.png"
+    f = image_files
+    result = run_cli(
+        f["a.png"],
+        f["b.jpg"],
+        "--model",
+        export_dir,
+        "--explain",
+        out,
+        "--num-beams",
+        beams,
+        "--max-new-tokens",
+        "4",
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+    for path in (out, tmp_path / "map-2.png"):
+        assert Image.open(path).size[0] > 0
+
+
 @pytest.mark.parametrize(
     "args,words",
     [

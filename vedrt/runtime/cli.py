@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None, metavar="N", help="ONNX Runtime intra-op threads"
     )
     parser.add_argument(
+        "--explain",
+        metavar="OUT.png",
+        help="also write a cross-attention map per image (OUT.png; OUT-2.png ... for more images)",
+    )
+    parser.add_argument(
         "--batch-size",
         type=int,
         default=8,
@@ -74,6 +79,49 @@ def _options(args: argparse.Namespace, usage_error) -> dict:
     return options
 
 
+def explain_path(out: str, index: int) -> Path:
+    """OUT.png for the first image, OUT-2.png, OUT-3.png ... for the next ones."""
+    path = Path(out)
+    return path if index == 0 else path.with_name(f"{path.stem}-{index + 1}{path.suffix}")
+
+
+def caption_and_explain(
+    generator, good: list, options: dict, out: str, first_index: int
+) -> list[str]:
+    """Caption a batch and write each image's attention map (greedy: its row; beams: the chosen beam's)."""
+    from .errors import InputError
+    from .explain import write_attention_map
+
+    encoder = generator.manifest.raw["encoder"]
+    if "patch_grid" not in encoder:
+        raise InputError("--explain needs encoder.patch_grid in vedrt.json (re-export the model)")
+    result = generator.generate(
+        generator.preprocess([image for _, image in good]),
+        **options,
+        return_dict=True,
+        output_attentions=True,
+    )
+    eos = set(generator.options(**options).eos_token_id or ())
+    vocab = generator.detokenizer.tokenizer
+    for i, (_, image) in enumerate(good):
+        ids = [int(t) for t in result.sequences[i, 1:]]
+        steps = next((k for k, t in enumerate(ids) if t in eos), len(ids))
+        tokens = [vocab.id_to_token(t) or str(t) for t in ids[:steps]]
+        rows = (
+            i if result.beam_indices is None else [int(r) for r in result.beam_indices[i, :steps]]
+        )
+        write_attention_map(
+            image,
+            tokens,
+            result.cross_attentions,
+            explain_path(out, first_index + i),
+            grid=tuple(encoder["patch_grid"]),
+            prefix_tokens=int(encoder.get("prefix_tokens", 1)),
+            rows=rows,
+        )
+    return generator.decode(result.sequences)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..cli import UsageError
     from .errors import InputError
@@ -93,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
 
     failed = 0
+    explained = 0
     for start in range(0, len(args.images), args.batch_size):
         good: list[tuple[str, object]] = []
         for path in args.images[start : start + args.batch_size]:
@@ -104,8 +153,12 @@ def run(args: argparse.Namespace) -> int:
         if not good:
             continue
         try:
-            captions = generator.caption([image for _, image in good], **options)
-        except InputError as exc:
+            if args.explain:
+                captions = caption_and_explain(generator, good, options, args.explain, explained)
+                explained += len(good)
+            else:
+                captions = generator.caption([image for _, image in good], **options)
+        except (InputError, OSError) as exc:
             raise UsageError(str(exc)) from None
         for (path, _), caption in zip(good, captions, strict=True):
             _print(path, caption, args.json)
