@@ -128,8 +128,14 @@ def _draw_shape(draw: ImageDraw.ImageDraw, s: Shape, side: int, fill: tuple[int,
         draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
 
 
-def render(scene: Scene, side: int = 64, *, shades: dict[str, tuple[int, int, int]] | None = None,
-           background: tuple[int, int, int] = (255, 255, 255), supersample: int = 1) -> Image.Image:
+def render(
+    scene: Scene,
+    side: int = 64,
+    *,
+    shades: dict[str, tuple[int, int, int]] | None = None,
+    background: tuple[int, int, int] = (255, 255, 255),
+    supersample: int = 1,
+) -> Image.Image:
     """Draw a scene; `shades` overrides colours per shape name-colour (for jittered augmentation)."""
     big = side * supersample
     image = Image.new("RGB", (big, big), background)
@@ -148,9 +154,14 @@ def augmented(scene: Scene, rng: np.random.Generator) -> Image.Image:
     side = int(rng.integers(64, 257))
     jitter = lambda c: tuple(int(np.clip(v + rng.integers(-12, 13), 0, 255)) for v in c)  # noqa: E731
     shades = {name: jitter(rgb) for name, rgb in COLORS.items()}
-    background = tuple(int(255 - rng.integers(0, 9)) for _ in range(3)) if rng.random() < 0.3 else (255, 255, 255)
-    image = render(scene, side, shades=shades, background=background,
-                   supersample=int(rng.choice([1, 1, 2, 4])))
+    background = (
+        tuple(int(255 - rng.integers(0, 9)) for _ in range(3))
+        if rng.random() < 0.3
+        else (255, 255, 255)
+    )
+    image = render(
+        scene, side, shades=shades, background=background, supersample=int(rng.choice([1, 1, 2, 4]))
+    )
     if rng.random() < 0.2:
         image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.0))))
     if rng.random() < 0.5:

@@ -18,26 +18,44 @@ from vedrt.train.model import Sizes
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for the checkpoint (created)")
     data = parser.add_argument_group("data (default: synthetic scenes, fresh ones every step)")
-    data.add_argument("--data", help="folder with captions.jsonl, a .jsonl file, or a COCO captions .json")
+    data.add_argument(
+        "--data", help="folder with captions.jsonl, a .jsonl file, or a COCO captions .json"
+    )
     data.add_argument("--images", help="image folder for a COCO file (default: the file's folder)")
-    data.add_argument("--valid-size", type=int, default=200, help="validation captions (default 200)")
+    data.add_argument(
+        "--valid-size", type=int, default=200, help="validation captions (default 200)"
+    )
     model = parser.add_argument_group("model (default: small ViT + GPT2 built from configs)")
     model.add_argument("--encoder", help="pretrained encoder folder (with --decoder)")
     model.add_argument("--decoder", help="pretrained decoder folder (with --encoder)")
-    model.add_argument("--tokenizer", help="tokenizer folder (default: the decoder's, else a new BPE)")
-    model.add_argument("--vocab-size", type=int, default=None,
-                       help="size of a newly trained BPE vocabulary (default 384 for scenes, 4096 otherwise)")
+    model.add_argument(
+        "--tokenizer", help="tokenizer folder (default: the decoder's, else a new BPE)"
+    )
+    model.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="size of a newly trained BPE vocabulary (default 384 for scenes, 4096 otherwise)",
+    )
     for f in fields(Sizes):
-        model.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default,
-                           help=f"(default {f.default})")
+        model.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=int,
+            default=f.default,
+            help=f"(default {f.default})",
+        )
     loop = parser.add_argument_group("training")
     loop.add_argument("--steps", type=int, default=3000)
     loop.add_argument("--batch-size", type=int, default=32)
     loop.add_argument("--lr", type=float, default=1e-3)
-    loop.add_argument("--eval-steps", type=int, default=500, help="validate (and checkpoint) every N steps")
+    loop.add_argument(
+        "--eval-steps", type=int, default=500, help="validate (and checkpoint) every N steps"
+    )
     loop.add_argument("--workers", type=int, default=1, help="data loader processes (default 1)")
     loop.add_argument("--seed", type=int, default=0)
-    loop.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    loop.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
     loop.add_argument("--resume", action="store_true", help="continue from OUT/trainer-state")
 
 
@@ -72,12 +90,18 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer or args.encoder:
         tokenizer = build.load_tokenizer(args.tokenizer or args.decoder)
     else:
-        tokenizer = build.train_tokenizer(texts, args.vocab_size or (384 if not args.data else 4096))
+        tokenizer = build.train_tokenizer(
+            texts, args.vocab_size or (384 if not args.data else 4096)
+        )
     if args.encoder:
         model = build.model_from_pretrained(args.encoder, args.decoder)
         if model.config.decoder.vocab_size < len(tokenizer):
-            raise UsageError(f"tokenizer has {len(tokenizer)} tokens, decoder only {model.config.decoder.vocab_size}")
-        processor = build.processor_for_pretrained(args.encoder, getattr(model.config.encoder, "image_size", 224))
+            raise UsageError(
+                f"tokenizer has {len(tokenizer)} tokens, decoder only {model.config.decoder.vocab_size}"
+            )
+        processor = build.processor_for_pretrained(
+            args.encoder, getattr(model.config.encoder, "image_size", 224)
+        )
         max_tokens = 64
     else:
         model = build.model_from_configs(sizes, len(tokenizer), args.seed)
@@ -85,13 +109,23 @@ def run(args: argparse.Namespace) -> int:
         max_tokens = sizes.max_positions
     build.set_special_ids(model, tokenizer, max_tokens)
     build.fix_loss(model)
-    plan = TrainPlan(out=Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                     eval_steps=args.eval_steps, save_steps=args.eval_steps, workers=args.workers,
-                     seed=args.seed, max_tokens=max_tokens,
-                     extra={"data": args.data or "scenes", "sizes": vars(sizes) if not args.encoder else None})
+    plan = TrainPlan(
+        out=Path(args.out),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_steps=args.eval_steps,
+        save_steps=args.eval_steps,
+        workers=args.workers,
+        seed=args.seed,
+        max_tokens=max_tokens,
+        extra={"data": args.data or "scenes", "sizes": vars(sizes) if not args.encoder else None},
+    )
     info = train(model, tokenizer, processor, train_source, valid_source, plan, resume=args.resume)
     ev = info["final_eval"]
-    print(f"saved {args.out}: {info['parameters']:,} parameters, {info['train_seconds']:.0f} s, "
-          f"validation exact match {ev.get('eval_exact_match', float('nan')):.3f}, "
-          f"BLEU-4 {ev.get('eval_bleu4', float('nan')):.1f}")
+    print(
+        f"saved {args.out}: {info['parameters']:,} parameters, {info['train_seconds']:.0f} s, "
+        f"validation exact match {ev.get('eval_exact_match', float('nan')):.3f}, "
+        f"BLEU-4 {ev.get('eval_bleu4', float('nan')):.1f}"
+    )
     return 0

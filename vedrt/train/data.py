@@ -36,8 +36,11 @@ def _load_jsonl(path: Path) -> list[CaptionItem]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UsageError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("image"), str) \
-                    or not isinstance(row.get("caption"), str):
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("image"), str)
+                or not isinstance(row.get("caption"), str)
+            ):
                 raise UsageError(f'{path}:{n}: expected {{"image": "...", "caption": "..."}}')
             items.append(CaptionItem(root / row["image"], row["caption"].strip()))
     return items
@@ -53,8 +56,10 @@ def _load_coco(path: Path, images_dir: Path | None) -> list[CaptionItem]:
     root = images_dir or path.parent
     try:
         files = {img["id"]: img["file_name"] for img in data["images"]}
-        items = [CaptionItem(root / files[a["image_id"]], str(a["caption"]).strip())
-                 for a in data["annotations"]]
+        items = [
+            CaptionItem(root / files[a["image_id"]], str(a["caption"]).strip())
+            for a in data["annotations"]
+        ]
     except (KeyError, TypeError) as exc:
         raise UsageError(f"{path}: malformed COCO entry (missing {exc})") from None
     return items
@@ -118,7 +123,12 @@ class Encoded:
     labels ending in EOS."""
 
     def __init__(self, source: Any, processor: Any, tokenizer: Any, max_tokens: int) -> None:
-        self.source, self.processor, self.tokenizer, self.max_tokens = source, processor, tokenizer, max_tokens
+        self.source, self.processor, self.tokenizer, self.max_tokens = (
+            source,
+            processor,
+            tokenizer,
+            max_tokens,
+        )
 
     def __len__(self) -> int:
         return len(self.source)
@@ -127,8 +137,10 @@ class Encoded:
         image, caption = self.source[i]
         pixels = self.processor(images=image, return_tensors="np")["pixel_values"][0]
         ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"][: self.max_tokens - 1]
-        return {"pixel_values": pixels.astype(np.float32),
-                "labels": ids + [self.tokenizer.eos_token_id]}
+        return {
+            "pixel_values": pixels.astype(np.float32),
+            "labels": ids + [self.tokenizer.eos_token_id],
+        }
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -147,5 +159,7 @@ def split_items(items: list[CaptionItem], valid: int, seed: int = 0) -> tuple[li
     valid = min(valid, len(items) // 5)
     order = np.random.default_rng(seed).permutation(len(items))
     held = set(order[:valid].tolist())
-    return ([it for i, it in enumerate(items) if i not in held],
-            [it for i, it in enumerate(items) if i in held])
+    return (
+        [it for i, it in enumerate(items) if i not in held],
+        [it for i, it in enumerate(items) if i in held],
+    )

@@ -22,23 +22,55 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "scenes"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="EXPORT_DIR", default=None,
-                        help=f"export directory (default: the shipped scene model, {DEFAULT_MODEL})")
-    parser.add_argument("--checkpoint", metavar="DIR", help="also score this PyTorch checkpoint and compare captions")
-    parser.add_argument("--data", help="folder with captions.jsonl, a .jsonl file, or a COCO captions .json "
-                        "(default: held-out synthetic scenes)")
-    parser.add_argument("--images", help="image folder for a COCO file (default: the file's folder)")
-    parser.add_argument("-n", "--num-scenes", type=int, default=500, help="held-out scenes (default 500)")
-    parser.add_argument("--seed", type=int, default=scenes.HELDOUT_SEED,
-                        help=f"scene seed (default {scenes.HELDOUT_SEED}, never used in training)")
-    parser.add_argument("--plain", action="store_true",
-                        help="draw scenes plainly at --side px instead of augmented (sizes, JPEG, shades)")
-    parser.add_argument("--side", type=int, default=128, help="image side for --plain (default 128)")
-    parser.add_argument("--backend", action="append", help="runtime backend, repeatable (default onnxruntime)")
-    parser.add_argument("--beams", type=int, nargs="+", default=[1, 4], help="beam widths (default: 1 4)")
+    parser.add_argument(
+        "--model",
+        metavar="EXPORT_DIR",
+        default=None,
+        help=f"export directory (default: the shipped scene model, {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="also score this PyTorch checkpoint and compare captions",
+    )
+    parser.add_argument(
+        "--data",
+        help="folder with captions.jsonl, a .jsonl file, or a COCO captions .json "
+        "(default: held-out synthetic scenes)",
+    )
+    parser.add_argument(
+        "--images", help="image folder for a COCO file (default: the file's folder)"
+    )
+    parser.add_argument(
+        "-n", "--num-scenes", type=int, default=500, help="held-out scenes (default 500)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=scenes.HELDOUT_SEED,
+        help=f"scene seed (default {scenes.HELDOUT_SEED}, never used in training)",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="draw scenes plainly at --side px instead of augmented (sizes, JPEG, shades)",
+    )
+    parser.add_argument(
+        "--side", type=int, default=128, help="image side for --plain (default 128)"
+    )
+    parser.add_argument(
+        "--backend", action="append", help="runtime backend, repeatable (default onnxruntime)"
+    )
+    parser.add_argument(
+        "--beams", type=int, nargs="+", default=[1, 4], help="beam widths (default: 1 4)"
+    )
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (ONNX Runtime and torch)")
-    parser.add_argument("--show-errors", type=int, default=5, metavar="N", help="print N wrong captions per row")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (ONNX Runtime and torch)"
+    )
+    parser.add_argument(
+        "--show-errors", type=int, default=5, metavar="N", help="print N wrong captions per row"
+    )
     parser.add_argument("--json", metavar="OUT", help="also write the scores as JSON")
 
 
@@ -67,7 +99,9 @@ def _batched(images: list[Any], size: int, fn: Callable[[list[Any]], list[str]])
     return out
 
 
-def _runtime_captioner(model_dir: Path, backend: str, threads: int | None) -> Callable[..., list[str]]:
+def _runtime_captioner(
+    model_dir: Path, backend: str, threads: int | None
+) -> Callable[..., list[str]]:
     from vedrt.runtime import InputError, load
 
     try:
@@ -111,11 +145,16 @@ def run(args: argparse.Namespace) -> int:
     if any(b < 1 for b in args.beams) or args.batch_size < 1:
         raise UsageError("--beams and --batch-size must be >= 1")
     images, refs = _dataset(args)
-    what = args.data or f"{len(images)} held-out scenes (seed {args.seed}, {'plain' if args.plain else 'augmented'})"
+    what = (
+        args.data
+        or f"{len(images)} held-out scenes (seed {args.seed}, {'plain' if args.plain else 'augmented'})"
+    )
     print(f"evaluating {model_dir} on {what}")
 
-    captioners = {f"runtime:{b}": _runtime_captioner(model_dir, b, args.threads)
-                  for b in (args.backend or ["onnxruntime"])}
+    captioners = {
+        f"runtime:{b}": _runtime_captioner(model_dir, b, args.threads)
+        for b in (args.backend or ["onnxruntime"])
+    }
     if args.checkpoint:
         captioners["pytorch"] = _torch_captioner(args.checkpoint, args.threads)
 
@@ -131,8 +170,10 @@ def run(args: argparse.Namespace) -> int:
             s = caption_scores(hyp, refs)
             decoding = "greedy" if beams == 1 else f"beam{beams}"
             rows.append({"source": name, "decoding": decoding, **s, "seconds": round(seconds, 2)})
-            print(f"{name:<22} {decoding:<8} {s['exact_match']:>7.1%} {s['bleu4']:>7.2f} "
-                  f"{len(images) / seconds:>7.1f}")
+            print(
+                f"{name:<22} {decoding:<8} {s['exact_match']:>7.1%} {s['bleu4']:>7.2f} "
+                f"{len(images) / seconds:>7.1f}"
+            )
             wrong = [(i, h) for i, h in enumerate(hyp) if h not in refs[i]]
             for i, h in wrong[: args.show_errors]:
                 print(f"    #{i}: got {h!r}, expected {refs[i][0]!r}")
@@ -148,6 +189,11 @@ def run(args: argparse.Namespace) -> int:
                 agreement[f"{name} beam{beams}"] = same / len(a)
                 print(f"{name} vs pytorch, {beams} beam(s): {same}/{len(a)} captions identical")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": str(model_dir), "data": what, "rows": rows,
-                                               "same_as_pytorch": agreement}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {"model": str(model_dir), "data": what, "rows": rows, "same_as_pytorch": agreement},
+                indent=2,
+            )
+            + "\n"
+        )
     return 0

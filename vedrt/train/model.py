@@ -38,10 +38,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
-    bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=[PAD, BOS, EOS], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=BOS, eos_token=EOS,
-                                   pad_token=PAD, model_max_length=512)
+    bpe.train_from_iterator(
+        list(texts),
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[PAD, BOS, EOS],
+        show_progress=False,
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=512,
+    )
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -64,8 +74,12 @@ def image_processor(image_size: int) -> Any:
     """Resize to a square, scale to [-1, 1]: ViT's processor, saved as preprocessor_config.json."""
     from transformers import ViTImageProcessor
 
-    return ViTImageProcessor(size={"height": image_size, "width": image_size}, resample=2,
-                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return ViTImageProcessor(
+        size={"height": image_size, "width": image_size},
+        resample=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
 
 
 def set_special_ids(model: Any, tokenizer: Any, max_length: int) -> None:
@@ -101,15 +115,34 @@ def model_from_configs(sizes: Sizes, vocab_size: int, seed: int = 0) -> Any:
     )
 
     if sizes.image_size % sizes.patch_size:
-        raise UsageError(f"--image-size {sizes.image_size} is not a multiple of --patch-size {sizes.patch_size}")
-    encoder = ViTConfig(image_size=sizes.image_size, patch_size=sizes.patch_size,
-                        hidden_size=sizes.enc_hidden, num_hidden_layers=sizes.enc_layers,
-                        num_attention_heads=sizes.heads, intermediate_size=4 * sizes.enc_hidden,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    decoder = GPT2Config(vocab_size=vocab_size, n_embd=sizes.dec_hidden, n_layer=sizes.dec_layers,
-                         n_head=sizes.heads, n_positions=sizes.max_positions, add_cross_attention=True,
-                         is_decoder=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        raise UsageError(
+            f"--image-size {sizes.image_size} is not a multiple of --patch-size {sizes.patch_size}"
+        )
+    encoder = ViTConfig(
+        image_size=sizes.image_size,
+        patch_size=sizes.patch_size,
+        hidden_size=sizes.enc_hidden,
+        num_hidden_layers=sizes.enc_layers,
+        num_attention_heads=sizes.heads,
+        intermediate_size=4 * sizes.enc_hidden,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    decoder = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=sizes.dec_hidden,
+        n_layer=sizes.dec_layers,
+        n_head=sizes.heads,
+        n_positions=sizes.max_positions,
+        add_cross_attention=True,
+        is_decoder=True,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     torch.manual_seed(seed)
     return VisionEncoderDecoderModel(config=config)

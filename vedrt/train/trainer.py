@@ -36,8 +36,15 @@ class TrainPlan:
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in train_info.json
 
 
-def train(model: Any, tokenizer: Any, processor: Any, train_source: Any, valid_source: Any,
-          plan: TrainPlan, resume: bool = False) -> dict[str, Any]:
+def train(
+    model: Any,
+    tokenizer: Any,
+    processor: Any,
+    train_source: Any,
+    valid_source: Any,
+    plan: TrainPlan,
+    resume: bool = False,
+) -> dict[str, Any]:
     """Train and write the checkpoint to `plan.out`; returns the final validation metrics."""
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
@@ -93,9 +100,14 @@ def train(model: Any, tokenizer: Any, processor: Any, train_source: Any, valid_s
     trainer.model.save_pretrained(str(out))  # config, generation config, safetensors
     tokenizer.save_pretrained(str(out))
     processor.save_pretrained(str(out))
-    info = {"train_seconds": round(seconds, 1), "steps": plan.steps, "batch_size": plan.batch_size,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "final_eval": {k: round(float(v), 4) for k, v in final.items()}, **plan.extra}
+    info = {
+        "train_seconds": round(seconds, 1),
+        "steps": plan.steps,
+        "batch_size": plan.batch_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_eval": {k: round(float(v), 4) for k, v in final.items()},
+        **plan.extra,
+    }
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 

@@ -1,0 +1,215 @@
+"""`vedrt train` / `vedrt eval` on tiny configs: a couple of steps write a checkpoint that
+transformers loads, users' data is checked up front with one-line errors, and the loss is the
+unshifted one (transformers 4.57 otherwise trains next-next-token prediction)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from vedrt.cli import main  # noqa: E402
+from vedrt.data import scenes  # noqa: E402
+
+TINY = [
+    "--image-size",
+    "16",
+    "--patch-size",
+    "8",
+    "--enc-hidden",
+    "16",
+    "--enc-layers",
+    "1",
+    "--dec-hidden",
+    "16",
+    "--dec-layers",
+    "1",
+    "--heads",
+    "2",
+    "--max-positions",
+    "24",
+    "--steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--eval-steps",
+    "2",
+    "--valid-size",
+    "4",
+    "--workers",
+    "0",
+    "--threads",
+    "1",
+    "--vocab-size",
+    "300",
+]
+
+
+@pytest.fixture(scope="module")
+def scene_checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "ckpt"
+    assert main(["train", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def _user_folder(root: Path, n: int = 12) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        scene = scenes.scene_at(5, i)
+        scenes.render(scene, 40).save(root / f"img{i}.png")
+        lines.append(json.dumps({"image": f"img{i}.png", "caption": scene.caption}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_checkpoint_loads_with_transformers(scene_checkpoint: Path) -> None:
+    from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+
+    model = VisionEncoderDecoderModel.from_pretrained(scene_checkpoint)
+    tok = AutoTokenizer.from_pretrained(scene_checkpoint)
+    proc = AutoImageProcessor.from_pretrained(scene_checkpoint)
+    assert (scene_checkpoint / "generation_config.json").is_file()
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert model.config.decoder_start_token_id == tok.bos_token_id
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert (
+        tok.decode(tok("a large red circle", add_special_tokens=False)["input_ids"])
+        == "a large red circle"
+    )
+    image, _ = scenes.augmented_at(0, 0)
+    ids = model.generate(
+        pixel_values=proc(images=image, return_tensors="pt")["pixel_values"], max_new_tokens=3
+    )
+    assert ids.shape[0] == 1 and int(ids[0, 0]) == tok.bos_token_id
+    info = json.loads((scene_checkpoint / "train_info.json").read_text())
+    assert info["steps"] == 2 and "eval_exact_match" in info["final_eval"]
+
+
+def test_loss_is_unshifted_cross_entropy() -> None:
+    from vedrt.train import model as build
+
+    tok = build.train_tokenizer(scenes.all_captions(), 300)
+    m = build.model_from_configs(
+        build.Sizes(
+            image_size=16, enc_hidden=16, enc_layers=1, dec_hidden=16, dec_layers=1, heads=2
+        ),
+        len(tok),
+    )
+    build.set_special_ids(m, tok, 24)
+    build.fix_loss(m)
+    labels = torch.randint(3, len(tok), (2, 5))
+    out = m(pixel_values=torch.randn(2, 3, 16, 16), labels=labels)
+    ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, len(tok)), labels.reshape(-1))
+    assert torch.allclose(out.loss, ce)
+
+
+def test_train_on_user_folder(tmp_path: Path) -> None:
+    data = _user_folder(tmp_path / "data")
+    out = tmp_path / "ckpt"
+    assert main(["train", "--out", str(out), "--data", str(data), *TINY]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "no such file or folder"),
+        ("no_jsonl", "has no captions.jsonl"),
+        ("bad_json", "captions.jsonl:2: not valid JSON"),
+        ("bad_row", "captions.jsonl:1: expected"),
+        ("missing_image", "1 image(s) not found"),
+        ("bad_coco", "not a COCO captions file"),
+    ],
+)
+def test_bad_data_is_one_line_error(tmp_path: Path, capsys, case: str, message: str) -> None:
+    data = _user_folder(tmp_path / "data", 3)
+    jsonl = data / "captions.jsonl"
+    lines = jsonl.read_text().splitlines()
+    target = data
+    if case == "missing":
+        target = tmp_path / "nope"
+    elif case == "no_jsonl":
+        jsonl.unlink()
+    elif case == "bad_json":
+        jsonl.write_text(lines[0] + "\n{oops\n")
+    elif case == "bad_row":
+        jsonl.write_text('{"image": 3}\n')
+    elif case == "missing_image":
+        (data / "img1.png").unlink()
+    elif case == "bad_coco":
+        target = data / "coco.json"
+        target.write_text('{"images": []}')
+    assert main(["train", "--out", str(tmp_path / "o"), "--data", str(target), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_coco_loader(tmp_path: Path) -> None:
+    from vedrt.train.data import load_captions
+
+    _user_folder(tmp_path, 2)
+    coco = {
+        "images": [{"id": 7, "file_name": "img0.png"}, {"id": 8, "file_name": "img1.png"}],
+        "annotations": [
+            {"image_id": 7, "caption": "a"},
+            {"image_id": 7, "caption": "b"},
+            {"image_id": 8, "caption": "c"},
+        ],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    items = load_captions(tmp_path / "coco.json")
+    assert [(i.image.name, i.caption) for i in items] == [
+        ("img0.png", "a"),
+        ("img0.png", "b"),
+        ("img1.png", "c"),
+    ]
+
+
+def test_caption_scores() -> None:
+    from vedrt.train.metrics import caption_scores
+
+    s = caption_scores(
+        ["a small red circle", "a large red circle"],
+        [["a small red circle"], ["x", "a large red circle"]],
+    )
+    assert s["exact_match"] == 1.0 and s["bleu4"] == pytest.approx(100.0)
+    assert caption_scores(["a small red circle"], ["a large blue square"])["exact_match"] == 0.0
+
+
+def test_eval_runtime_matches_pytorch(scene_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    pytest.importorskip("onnx")
+    from vedrt.export import export_model
+
+    export_model(scene_checkpoint, tmp_path / "export")
+    report = tmp_path / "scores.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "export"),
+                "--checkpoint",
+                str(scene_checkpoint),
+                "-n",
+                "6",
+                "--threads",
+                "1",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
+    scores = json.loads(report.read_text())
+    assert {(r["source"], r["decoding"]) for r in scores["rows"]} == {
+        ("runtime:onnxruntime", "greedy"),
+        ("runtime:onnxruntime", "beam4"),
+        ("pytorch", "greedy"),
+        ("pytorch", "beam4"),
+    }
+    assert all(v == 1.0 for v in scores["same_as_pytorch"].values()), scores
