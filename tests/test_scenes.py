@@ -95,3 +95,18 @@ def test_deterministic_and_augmented_sizes() -> None:
     assert np.array_equal(np.asarray(a), np.asarray(b))
     sides = {scenes.augmented_at(0, i)[0].size for i in range(30)}
     assert all(64 <= w == h <= 256 for w, h in sides) and len(sides) > 10
+
+
+def test_examples_follow_the_grammar() -> None:
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parent.parent / "examples"
+    rows = [json.loads(line) for line in (root / "captions.jsonl").read_text().splitlines()]
+    assert len(rows) >= 6
+    for row in rows:
+        assert parse_caption(row["caption"]), row
+        with Image.open(root / row["image"]) as im:
+            assert 64 <= im.size[0] <= 256
