@@ -80,7 +80,7 @@ def spread(request, tmp_path_factory):
 
     model = spread_model(*request.param)
     out = tmp_path_factory.mktemp("spread") / "export"
-    export_model(model, out)
+    export_model(model, out, validate=False)  # validation is the exporter tests' job
     pv = pixel_values(4)
     return model, load(out), pv, eos_ids(model, pv)
 
@@ -111,6 +111,9 @@ FULL_SETTINGS = [
     {"num_beams": 3, "eos_token_id": "EOS", "early_stopping": "never"},
     {"num_beams": 4, "eos_token_id": "EOS2", "num_return_sequences": 2, "length_penalty": 0.5},
     {"num_beams": 3, "eos_token_id": "EOS", "min_new_tokens": 3, "no_repeat_ngram_size": 2},
+    {"forced_eos_token_id": "EOS", "max_new_tokens": 6},
+    {"num_beams": 2, "forced_bos_token_id": 5, "forced_eos_token_id": "EOS2", "max_new_tokens": 7},
+    {"decoder_start_token_id": 7, "max_new_tokens": 6},
 ]
 
 
