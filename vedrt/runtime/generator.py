@@ -20,6 +20,7 @@ from .manifest import Manifest, read_manifest
 from .search import GenerateOutput
 
 BACKENDS = ("onnxruntime",)
+GPU_BACKENDS = ("torch", "tensorrt")  # vedrt.gpu, with onnxruntime on device="cuda"
 
 
 class Generator:
@@ -120,11 +121,24 @@ def load(
     backend: str = "onnxruntime",
     device: str = "cpu",
     threads: int | None = None,
+    **gpu_options: Any,
 ) -> Generator:
-    """Load an export directory once; `threads` sets ONNX Runtime's intra-op threads."""
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r} (available: {', '.join(BACKENDS)})")
+    """Load an export directory once; `threads` sets ONNX Runtime's intra-op threads.
+
+    Any other backend or device (torch, tensorrt, onnxruntime on cuda) is `vedrt.gpu`'s, imported
+    only then; `gpu_options` (precision, checkpoint, cuda_graphs) are passed to `vedrt.gpu.load`.
+    """
+    if backend not in BACKENDS + GPU_BACKENDS:
+        raise InputError(
+            f"unknown backend {backend!r} (available: {', '.join(BACKENDS + GPU_BACKENDS)})"
+        )
     if threads is not None and (not isinstance(threads, int) or threads < 0):
         raise InputError(f"threads must be a non-negative integer, got {threads!r}")
+    if backend in GPU_BACKENDS or device != "cpu":
+        from ..gpu import load as load_gpu
+
+        return load_gpu(path, backend=backend, device=device, threads=threads, **gpu_options)
+    if gpu_options:
+        raise TypeError(f"load() got unexpected keyword arguments {sorted(gpu_options)}")
     manifest = read_manifest(path)
     return Generator(manifest, OrtExecutor(manifest, device=device, threads=threads))
