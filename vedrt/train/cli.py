@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--valid-size", type=int, default=200, help="validation captions (default 200)"
     )
-    model = parser.add_argument_group("model (default: small ViT + GPT2 built from configs)")
+    model = parser.add_argument_group("model (default: small Swin + GPT2 built from configs)")
     model.add_argument("--encoder", help="pretrained encoder folder (with --decoder)")
     model.add_argument("--decoder", help="pretrained decoder folder (with --encoder)")
     model.add_argument(
@@ -40,12 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Sizes):
         model.add_argument(
             "--" + f.name.replace("_", "-"),
-            type=int,
+            type=type(f.default),
             default=f.default,
             help=f"(default {f.default})",
         )
     loop = parser.add_argument_group("training")
-    loop.add_argument("--steps", type=int, default=3000)
+    loop.add_argument("--steps", type=int, default=4000)
     loop.add_argument("--batch-size", type=int, default=32)
     loop.add_argument("--lr", type=float, default=1e-3)
     loop.add_argument(
