@@ -19,7 +19,9 @@ TINY = [
     "--image-size",
     "16",
     "--patch-size",
-    "8",
+    "2",
+    "--window",
+    "2",
     "--enc-hidden",
     "16",
     "--enc-layers",
@@ -96,7 +98,14 @@ def test_loss_is_unshifted_cross_entropy() -> None:
     tok = build.train_tokenizer(scenes.all_captions(), 300)
     m = build.model_from_configs(
         build.Sizes(
-            image_size=16, enc_hidden=16, enc_layers=1, dec_hidden=16, dec_layers=1, heads=2
+            encoder_type="vit",
+            image_size=16,
+            patch_size=8,
+            enc_hidden=16,
+            enc_layers=1,
+            dec_hidden=16,
+            dec_layers=1,
+            heads=2,
         ),
         len(tok),
     )
