@@ -185,3 +185,13 @@ def test_load_errors(exported, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no CUDA GPU"):
             load(out, backend="torch", device="cuda", checkpoint=model)
+
+
+def test_compare_reports_agreement_with_the_fp32_graphs(spread):
+    from vedrt.gpu.compare import compare
+
+    _, generator, pv, _, out = spread
+    result = compare(load(out), generator, pv, num_beams=4, max_new_tokens=8)
+    assert result.rows == len(pv)
+    assert result.max_logit_error < 1e-3
+    assert result.sequence_agreement == result.token_agreement == 1.0
