@@ -66,6 +66,7 @@ class Backend:
     requires: tuple[str, ...] = ()  # importable modules it needs
     available: Callable[[ModelSpec], str | None] = field(default=lambda spec: None)
     reference: bool = False  # its tokens are what the others are checked against
+    disk_bytes: Callable[[ModelSpec], int] | None = None  # size on disk of what it loads
 
     @property
     def key(self) -> str:
@@ -232,6 +233,22 @@ def _has_export(precision: str) -> Callable[[ModelSpec], str | None]:
     return check
 
 
+def _bytes(paths) -> int:
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def _checkpoint_bytes(spec: ModelSpec) -> int:
+    return _bytes([*spec.checkpoint.glob("*.safetensors"), *spec.checkpoint.glob("*.bin")])
+
+
+def _optimum_bytes(spec: ModelSpec) -> int:
+    return _bytes((spec.work_dir / "optimum").glob("*.onnx*"))
+
+
+def _export_bytes(precision: str) -> Callable[[ModelSpec], int]:
+    return lambda spec: _bytes(spec.exports[precision].glob("*.onnx"))
+
+
 def _has_checkpoint(spec: ModelSpec) -> str | None:
     return None if spec.checkpoint else "no PyTorch checkpoint for this model"
 
@@ -245,6 +262,7 @@ register(
         requires=("torch", "transformers"),
         available=_has_checkpoint,
         reference=True,
+        disk_bytes=_checkpoint_bytes,
     )
 )
 register(
@@ -255,6 +273,7 @@ register(
         OptimumRunner,
         requires=("optimum.onnxruntime", "torch"),
         available=_has_checkpoint,
+        disk_bytes=_optimum_bytes,
     )
 )
 for _precision in ("fp32", "int8"):
@@ -266,5 +285,6 @@ for _precision in ("fp32", "int8"):
             lambda spec, threads, p=_precision: VedrtRunner(spec, threads, p),
             requires=("onnxruntime",),
             available=_has_export(_precision),
+            disk_bytes=_export_bytes(_precision),
         )
     )

@@ -11,6 +11,7 @@ report no per-phase timings: timing phases on a GPU would need syncs that slow t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,6 +76,7 @@ class VedrtGpuRunner:
         if backend == "torch":
             extra["checkpoint"] = str(spec.checkpoint)
         if backend == "tensorrt":
+            export = _engine_dir(spec)
             _ensure_engines(export, precision)
         self.generator = load(export, backend=backend, device="cuda", precision=precision, **extra)
         self.timings: dict[str, float] = {}
@@ -83,7 +85,20 @@ class VedrtGpuRunner:
         return self.generator.generate(pixel_values, **options)
 
 
-def _ensure_engines(export, precision: str) -> None:
+def _engine_dir(spec: ModelSpec) -> Path:
+    """A directory under the work dir linking the export's files, so engines (written next to
+    the graphs) never land in a shipped export such as vedrt/models/scenes."""
+    export = spec.exports["fp32"].resolve()
+    target = spec.work_dir / "tensorrt"
+    target.mkdir(parents=True, exist_ok=True)
+    for src in export.iterdir():
+        link = target / src.name
+        if src.is_file() and not link.exists():
+            link.symlink_to(src)
+    return target
+
+
+def _ensure_engines(export: Path, precision: str) -> None:
     """Build (or reuse, by cache key) the engines; not part of what is timed."""
     from vedrt.runtime.manifest import read_manifest
     from vedrt.tensorrt.build import build_engines

@@ -1,0 +1,128 @@
+"""`python -m benchmarks` / `vedrt bench`: vedrt against transformers and Optimum, side by side.
+
+The default run is what 2 cores afford in a few minutes: ViT-base + GPT2-small, batch 1, beam 4
+and greedy, 16 new tokens, every backend installed. `--full` runs the whole matrix (ViT-GPT2,
+TrOCR-base and the scene model; batch 1, 8 and 32; greedy and beam 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .models import MODELS
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_WORK = Path.home() / ".cache" / "vedrt-bench"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.splitlines()[0]
+    parser.add_argument(
+        "--models",
+        default="vit-gpt2",
+        help=f"comma-separated: {', '.join(MODELS)}, or a checkpoint directory (default vit-gpt2)",
+    )
+    parser.add_argument("--batch", type=_ints, default=[1], help="batch sizes, e.g. 1,8,32")
+    parser.add_argument("--beams", type=_ints, default=[4, 1], help="beam counts (1: greedy)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="new tokens, forced (min = max)")
+    parser.add_argument(
+        "--full", action="store_true", help="every model, batch 1,8,32, beam 4 and greedy"
+    )
+    parser.add_argument(
+        "--backends",
+        default="",
+        help="only backends whose key contains one of these (comma-separated)",
+    )
+    parser.add_argument("--precisions", default="fp32,int8", help="vedrt exports to prepare")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, or cuda with benchmarks/backends_gpu.py"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every backend")
+    parser.add_argument(
+        "--reps", type=int, default=5, help="timed repetitions per backend and setting"
+    )
+    parser.add_argument("--warmups", type=int, default=1, help="untimed runs after the token check")
+    parser.add_argument(
+        "--work-dir", type=Path, default=DEFAULT_WORK, help="checkpoints and exports cache"
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the results")
+    parser.add_argument("--stem", default="results", help="file name of the JSON/MD/PNG outputs")
+
+
+def _selected(args: argparse.Namespace):
+    from .backends import backends_for
+
+    wanted = [w for w in args.backends.split(",") if w.strip()]
+    chosen = backends_for(args.device)
+    if wanted:
+        chosen = [b for b in chosen if any(w in b.key for w in wanted)]
+    return chosen
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import report
+    from .harness import Setting, run_model
+    from .models import prepare
+
+    if args.full:
+        args.models, args.batch, args.beams = ",".join(MODELS), [1, 8, 32], [4, 1]
+    settings = [Setting(b, k, args.new_tokens) for b in args.batch for k in args.beams]
+    precisions = tuple(p for p in args.precisions.split(",") if p)
+    backends = _selected(args)
+    log_dir = args.work_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    started = time.time()
+    models = []
+    for name in [m for m in args.models.split(",") if m]:
+        spec = prepare(name, args.work_dir, precisions, log)
+        if spec is None:
+            log(f"{name}: not available here, skipped")
+            continue
+        models.append(
+            run_model(
+                spec,
+                backends,
+                settings,
+                reps=args.reps,
+                warmups=args.warmups,
+                threads=args.threads,
+                device=args.device,
+                log_dir=log_dir,
+            )
+        )
+    result = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": time.time() - started,
+        "machine": report.machine(),
+        "threads": args.threads,
+        "reps": args.reps,
+        "warmups": args.warmups,
+        "device": args.device,
+        "models": models,
+    }
+    paths = report.write(result, args.out, args.stem)
+    (args.out / "README-table.md").write_text(report.readme_table(result))
+    print(report.markdown(result))
+    log("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The run's outputs: JSON (everything), a Markdown table, a PNG chart, and the machine they ran on.
+
+Speedups are ratios of p50 latencies measured in the same run (interleaved), which is what stays
+meaningful on a shared machine; absolute times are for this machine only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("numpy", "onnxruntime", "onnx", "torch", "transformers", "optimum", "optimum-onnx")
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, memory and the versions that matter for these numbers."""
+    cpu = platform.processor() or "unknown"
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("unknown", "x86_64", ""):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    mem = None
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem, 1) if mem else None,
+        "avx512_vnni": "avx512_vnni" in flags,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.0f} ms" if x < 10 else f"{x:.1f} s"
+
+
+def _mb(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x / 1e6:,.1f} MB" if x < 1e7 else f"{x / 1e6:,.0f} MB"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{b / a:.2f}x"
+
+
+def _tokens(row: dict) -> str:
+    a = row.get("agreement")
+    if row["backend"].startswith("transformers"):
+        return "reference"
+    if a is None:
+        return "-"
+    return "identical" if a == 1.0 else f"{a:.0%} identical"
+
+
+def _settings(model: dict) -> list[dict]:
+    seen = []
+    for row in model["results"]:
+        if row["setting"] not in seen:
+            seen.append(row["setting"])
+    return seen
+
+
+def _label(s: dict) -> str:
+    search = "greedy" if s["beams"] == 1 else f"beam {s['beams']}"
+    return f"batch {s['batch']}, {search}, {s['new_tokens']} new tokens"
+
+
+def _p50(model: dict, setting: dict, prefix: str) -> float | None:
+    for row in model["results"]:
+        if row["setting"] == setting and row["backend"].startswith(prefix) and "p50_s" in row:
+            return row["p50_s"]
+    return None
+
+
+def model_table(model: dict) -> list[str]:
+    """One Markdown table per setting of one model."""
+    lines = [f"## {model['model']} ({model['image_size'][0]} px)", ""]
+    info = model["backends"]
+    for key, b in info.items():
+        if "skipped" in b or "error" in b:
+            lines.append(
+                f"- {key}: {'skipped' if 'skipped' in b else 'failed'}: {b.get('skipped') or b.get('error')}"
+            )
+    for s in _settings(model):
+        ref, opt = _p50(model, s, "transformers"), _p50(model, s, "optimum")
+        lines += [
+            "",
+            f"### {_label(s)}",
+            "",
+            "| backend | tokens | p50 | p90 | p99 | vs transformers | vs Optimum | images/s | encoder | first step | per token | peak RSS | load | on disk |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in model["results"]:
+            if row["setting"] != s or "p50_s" not in row:
+                continue
+            b = info[row["backend"]]
+            lines.append(
+                f"| {b['name']} {b['precision']} ({b['device']}) | {_tokens(row)} | {_ms(row['p50_s'])} | "
+                f"{_ms(row['p90_s'])} | {_ms(row['p99_s'])} | {_ratio(row['p50_s'], ref)} | "
+                f"{_ratio(row['p50_s'], opt)} | {row['images_per_s']:.2f} | {_ms(row.get('encoder_s'))} | "
+                f"{_ms(row.get('first_step_s'))} | {_ms(row.get('per_token_s'))} | "
+                f"{row['peak_rss_mb']:,.0f} MB | {_ms(b.get('load_s'))} | {_mb(b.get('disk_bytes'))} |"
+            )
+    return lines
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    lines = [
+        "# vedrt benchmark",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {report['threads']} threads per "
+        f"backend; Python {m['python']}; {versions}.",
+        f"{report['reps']} timed repetitions per backend and setting after {report['warmups']} warm-up(s), "
+        "interleaved across backends; each backend in its own process (its own peak RSS). Speedups are "
+        "ratios of p50 latencies from this run. Per token: (total - encoder - first step) / (new tokens - 1).",
+        "",
+    ]
+    for model in report["models"]:
+        lines += model_table(model) + [""]
+    return "\n".join(lines)
+
+
+def readme_table(report: dict, model_name: str = "vit-gpt2") -> str:
+    """The short table for the project README: one row per backend and setting of one model."""
+    lines = [
+        "| ViT-base + GPT2-small, batch 1, 16 new tokens, 2 threads | tokens | beam 4 | greedy | peak RSS | load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model in report["models"]:
+        if model["model"] != model_name:
+            continue
+        rows: dict[str, dict[int, dict]] = {}
+        for row in model["results"]:
+            if row["setting"]["batch"] == 1 and "p50_s" in row:
+                rows.setdefault(row["backend"], {})[row["setting"]["beams"]] = row
+        for key, by_beams in rows.items():
+            b = model["backends"][key]
+            cells = []
+            for beams in (4, 1):
+                row = by_beams.get(beams)
+                ref = _p50(model, row["setting"], "transformers") if row else None
+                cells.append(
+                    "-" if row is None else f"{_ms(row['p50_s'])} ({_ratio(row['p50_s'], ref)})"
+                )
+            any_row = next(iter(by_beams.values()))
+            lines.append(
+                f"| {b['name']} {b['precision']} | {_tokens(by_beams.get(4, any_row))} | {cells[0]} | {cells[1]} | "
+                f"{max(r['peak_rss_mb'] for r in by_beams.values()):,.0f} MB | {_ms(b.get('load_s'))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict, path: Path) -> None:
+    """p50 latency per backend, grouped by setting, one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in report["models"] if m["results"]]
+    fig, axes = plt.subplots(
+        len(models) or 1, 1, figsize=(10, 3.2 * max(len(models), 1)), squeeze=False
+    )
+    for ax, model in zip(axes[:, 0], models, strict=False):
+        settings = _settings(model)
+        keys = list(dict.fromkeys(r["backend"] for r in model["results"] if "p50_s" in r))
+        width = 0.8 / max(len(keys), 1)
+        for j, key in enumerate(keys):
+            values = []
+            for s in settings:
+                row = next(
+                    (r for r in model["results"] if r["setting"] == s and r["backend"] == key), {}
+                )
+                values.append(row.get("p50_s", 0.0))
+            xs = [i + j * width for i in range(len(settings))]
+            ax.bar(xs, values, width, label=key)
+        ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(settings))])
+        ax.set_xticklabels([_label(s) for s in settings], fontsize=8)
+        ax.set_ylabel("p50 latency (s)")
+        ax.set_title(f"{model['model']}: lower is better")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(report: dict, out_dir: Path, stem: str = "results") -> list[Path]:
+    """JSON, Markdown and (where matplotlib is installed) PNG; returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(report, indent=1) + "\n")
+    paths[1].write_text(markdown(report) + "\n")
+    try:
+        chart(report, out_dir / f"{stem}.png")
+        paths.append(out_dir / f"{stem}.png")
+    except ImportError:
+        pass
+    return paths
