@@ -10,8 +10,8 @@
 # they are unpacked once into .whl/site/ and put first on PYTHONPATH.
 # TensorRT parts are skipped, with a line saying so, where `import tensorrt` fails.
 #
-# Environment: PYTHON (default python3), BENCH_ARGS (extra harness arguments, e.g. "--models
-# vit-gpt2"), PYTEST_ARGS (extra pytest arguments).
+# Environment: PYTHON (default python3), BENCH_ARGS (harness arguments; default: the targets'
+# setting "--models vit-gpt2,scenes --batch 1 --beams 4 --new-tokens 16"), PYTEST_ARGS.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -87,9 +87,10 @@ if "$PY" -c "import benchmarks.__main__" 2>/dev/null || [ -f "$REPO/benchmarks/_
   for flag in --out --out-dir --results; do
     if grep -q -- "$flag" <<<"$HELP"; then ARGS+=("$flag" "$RESULTS"); break; fi
   done
-  say "python -m benchmarks ${ARGS[*]} ${BENCH_ARGS:-}"
+  BENCH_ARGS="${BENCH_ARGS:---models vit-gpt2,scenes --batch 1 --beams 4 --new-tokens 16}"
+  say "python -m benchmarks ${ARGS[*]} $BENCH_ARGS"
   # shellcheck disable=SC2086
-  "$PY" -m benchmarks "${ARGS[@]}" ${BENCH_ARGS:-} 2>&1 | tee "$RESULTS/bench.txt" | tail -n 60
+  "$PY" -m benchmarks "${ARGS[@]}" $BENCH_ARGS 2>&1 | tee "$RESULTS/bench.txt" | tail -n 60
   BENCH_RC=${PIPESTATUS[0]}
   # a harness without an output flag writes under benchmarks/results/: gather what it wrote
   find "$REPO/benchmarks/results" -maxdepth 1 -type f -newer "$LOG" -exec cp {} "$RESULTS/" \; 2>/dev/null
