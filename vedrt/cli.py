@@ -80,5 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if (
+    __name__ == "__main__"
+):  # `python -m vedrt.cli`: run the importable copy, whose UsageError subcommands raise
+    from vedrt.cli import main as _main
+
+    sys.exit(_main())
