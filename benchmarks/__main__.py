@@ -101,6 +101,13 @@ def run(args: argparse.Namespace) -> int:
                 log_dir=log_dir,
             )
         )
+        if spec.name == "scenes" and {"fp32", "int8"} <= set(spec.exports):
+            from .agreement import caption_agreement
+
+            log("scenes: int8 vs fp32 captions on held-out scenes")
+            models[-1]["caption_agreement"] = caption_agreement(
+                spec.exports["fp32"], spec.exports["int8"], threads=args.threads
+            )
     result = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": time.time() - started,

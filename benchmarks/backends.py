@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -174,13 +176,11 @@ class OptimumRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         exported = spec.work_dir / "optimum"
-        if (exported / "config.json").is_file():
-            self.model = ORTModelForVision2Seq.from_pretrained(exported, session_options=options)
-        else:  # exporting is not part of the load time the report shows; the cache makes it so
-            model = ORTModelForVision2Seq.from_pretrained(spec.checkpoint, export=True)
-            model.save_pretrained(exported)
-            del model
-            self.model = ORTModelForVision2Seq.from_pretrained(exported, session_options=options)
+        started = time.perf_counter()
+        if not (exported / "config.json").is_file():
+            _optimum_export(spec.checkpoint, exported)
+        self.excluded_load_s = time.perf_counter() - started  # a one-off, not loading
+        self.model = ORTModelForVision2Seq.from_pretrained(exported, session_options=options)
         self.clock = _Clock()
         _wrap(self.model.encoder, "forward", self.clock.mark_encoded)
         _wrap(self.model.decoder, "forward", self.clock.mark_step)
@@ -192,6 +192,15 @@ class OptimumRunner:
             out = self.model.generate(pixel_values=self.torch.from_numpy(pixel_values), **options)
         self.timings = self.clock.timings()
         return out.numpy()
+
+
+def _optimum_export(checkpoint: Path, out: Path) -> None:
+    """Optimum's own export, once, in another process so the worker's peak RSS stays its own."""
+    code = (
+        "import sys; from optimum.onnxruntime import ORTModelForVision2Seq as M; "
+        "M.from_pretrained(sys.argv[1], export=True).save_pretrained(sys.argv[2])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(checkpoint), str(out)], check=True)
 
 
 def _wrap(obj: Any, method: str, after: Callable[[], None]) -> None:

@@ -102,6 +102,13 @@ def model_table(model: dict) -> list[str]:
             lines.append(
                 f"- {key}: {'skipped' if 'skipped' in b else 'failed'}: {b.get('skipped') or b.get('error')}"
             )
+    agree = model.get("caption_agreement")
+    if agree:
+        lines.append(
+            f"- int8 vs fp32 captions on {agree['images']} held-out scenes (beam {agree['beams']}): "
+            f"{agree['identical']:.1%} identical; exact match with the truth fp32 "
+            f"{agree['fp32_exact_match']:.1%}, int8 {agree['int8_exact_match']:.1%}"
+        )
     for s in _settings(model):
         ref, opt = _p50(model, s, "transformers"), _p50(model, s, "optimum")
         lines += [

@@ -55,7 +55,7 @@ def _serve(request: dict, reply) -> None:
     spec = _spec(request["spec"])
     started = time.perf_counter()
     runner = backend.load(spec, request["threads"])
-    load_s = time.perf_counter() - started
+    load_s = time.perf_counter() - started - getattr(runner, "excluded_load_s", 0.0)
     reply({"ready": True, "load_s": load_s, "rss_mb": peak_rss_mb()})
     for line in sys.stdin:
         if not line.strip():

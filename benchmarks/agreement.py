@@ -1,0 +1,63 @@
+"""How often int8 captions equal fp32 captions on held-out scenes (the int8 acceptance check).
+
+    python -m benchmarks.agreement FP32_EXPORT INT8_EXPORT [--images 200] [--beams 4]
+
+Random-weight models say little about int8 (their logits are nearly flat, so tiny errors flip
+argmaxes); the trained scene model on scenes it never saw is the meaningful test. The harness
+runs this for the scene model when both of its exports are there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def caption_agreement(
+    fp32_dir: Path, int8_dir: Path, images: int = 200, beams: int = 4, threads: int = 2
+) -> dict:
+    """Share of held-out scene captions identical between the two exports (and their accuracy)."""
+    from vedrt.data.scenes import HELDOUT_SEED, render, scene_at
+    from vedrt.runtime import load
+
+    scenes = [scene_at(HELDOUT_SEED, i) for i in range(images)]
+    pictures = [render(s) for s in scenes]
+    truth = [s.caption for s in scenes]
+    out: dict = {"images": images, "beams": beams}
+    captions = {}
+    for name, path in (("fp32", fp32_dir), ("int8", int8_dir)):
+        gen = load(path, threads=threads)
+        captions[name] = []
+        for start in range(0, images, 16):
+            batch = pictures[start : start + 16]
+            captions[name] += [c.strip() for c in gen.caption(batch, num_beams=beams)]
+        out[f"{name}_exact_match"] = (
+            sum(a == b for a, b in zip(captions[name], truth, strict=True)) / images
+        )
+    same = sum(a == b for a, b in zip(captions["fp32"], captions["int8"], strict=True))
+    out["identical"] = same / images
+    out["differing_examples"] = [
+        {"truth": t, "fp32": a, "int8": b}
+        for t, a, b in zip(truth, captions["fp32"], captions["int8"], strict=True)
+        if a != b
+    ][:5]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.agreement")
+    parser.add_argument("fp32", type=Path)
+    parser.add_argument("int8", type=Path)
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--beams", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    result = caption_agreement(args.fp32, args.int8, args.images, args.beams, args.threads)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
