@@ -222,3 +222,31 @@ def test_eval_runtime_matches_pytorch(scene_checkpoint: Path, tmp_path: Path, ca
         ("pytorch", "beam4"),
     }
     assert all(v == 1.0 for v in scores["same_as_pytorch"].values()), scores
+
+
+@pytest.mark.parametrize("encoder_type", ["beit", "vit", "swin"])
+def test_every_encoder_type_builds_and_runs(encoder_type: str) -> None:
+    from vedrt.train import model as build
+
+    sizes = build.Sizes(
+        encoder_type=encoder_type,
+        image_size=16,
+        patch_size=2 if encoder_type == "swin" else 8,
+        window=2,
+        enc_hidden=16,
+        enc_layers=1,
+        dec_hidden=16,
+        dec_layers=1,
+        heads=2,
+    )
+    m = build.model_from_configs(sizes, 40)
+    assert m.config.encoder.model_type == encoder_type
+    out = m(pixel_values=torch.randn(1, 3, 16, 16), decoder_input_ids=torch.tensor([[1, 5]]))
+    assert out.logits.shape == (1, 2, 40)
+
+
+def test_bad_sizes_are_usage_errors(tmp_path: Path, capsys) -> None:
+    assert main(["train", "--out", str(tmp_path / "o"), *TINY, "--patch-size", "5"]) == 2
+    assert "not a multiple of --patch-size" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "o"), *TINY, "--encoder-type", "convnext"]) == 2
+    assert "--encoder-type must be" in capsys.readouterr().err

@@ -20,19 +20,22 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 @dataclass
 class Sizes:
     """Sizes of a model built from configs. The defaults are the shipped scene model: small
-    enough to train on two CPU cores in well under half an hour and to caption in milliseconds.
+    enough to train on two CPU cores in about half an hour and to caption in milliseconds.
 
-    The default encoder is Swin, not ViT: at this size and budget a ViT from scratch learns
-    shapes and relations too slowly (36% exact match after 1,500 steps, where Swin's local
-    windows do far better), since nothing tells it that neighbouring pixels belong together.
+    The default encoder is BEiT, a ViT with a learned relative position bias in every layer: a
+    plain ViT from scratch learned shapes slowly (31% exact match after 1,000 steps), and Swin,
+    though it learned shapes fast, has no absolute position (transformers' Swin absolute
+    embeddings are mis-sized without CLS), so it named two shapes in the wrong order. BEiT gets
+    the locality prior from the bias and absolute position from its position embeddings,
+    initialised to 2-D sin-cos so that "left" and "above" are readable from the first step.
     For Swin `enc_hidden` is the last stage's width (halved per earlier stage) and `enc_layers`
-    the blocks per stage; the decoder cross-attends over the last stage's grid."""
+    the blocks per stage."""
 
-    encoder_type: str = "swin"  # "swin" or "vit"
+    encoder_type: str = "beit"  # "beit", "vit" or "swin"
     image_size: int = 64
-    patch_size: int = 4
+    patch_size: int = 8
     enc_hidden: int = 128
-    enc_layers: int = 2
+    enc_layers: int = 4
     enc_stages: int = 2  # Swin only
     window: int = 4  # Swin only
     dec_hidden: int = 128
@@ -123,9 +126,7 @@ def model_from_configs(sizes: Sizes, vocab_size: int, seed: int = 0) -> Any:
         )
     if sizes.encoder_type == "swin":
         return _with_decoder(_swin_config(sizes), sizes, vocab_size, seed)
-    if sizes.encoder_type != "vit":
-        raise UsageError(f"--encoder-type must be swin or vit, got {sizes.encoder_type!r}")
-    encoder = ViTConfig(
+    common = dict(
         image_size=sizes.image_size,
         patch_size=sizes.patch_size,
         hidden_size=sizes.enc_hidden,
@@ -135,7 +136,48 @@ def model_from_configs(sizes: Sizes, vocab_size: int, seed: int = 0) -> Any:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return _with_decoder(encoder, sizes, vocab_size, seed)
+    if sizes.encoder_type == "vit":
+        encoder = ViTConfig(**common)
+    elif sizes.encoder_type == "beit":
+        from transformers import BeitConfig
+
+        encoder = BeitConfig(
+            **common,
+            use_absolute_position_embeddings=True,
+            use_relative_position_bias=True,
+            use_mean_pooling=False,
+            drop_path_rate=0.0,
+        )
+    else:
+        raise UsageError(f"--encoder-type must be beit, vit or swin, got {sizes.encoder_type!r}")
+    model = _with_decoder(encoder, sizes, vocab_size, seed)
+    grid = sizes.image_size // sizes.patch_size
+    with _no_grad():
+        pos = model.encoder.embeddings.position_embeddings  # [1, 1 + grid*grid, hidden]
+        pos.zero_()
+        pos[0, 1:] = sincos_2d(grid, sizes.enc_hidden)
+    return model
+
+
+def _no_grad() -> Any:
+    import torch
+
+    return torch.no_grad()
+
+
+def sincos_2d(grid: int, dim: int) -> Any:
+    """Fixed 2-D sin-cos position codes (as in MAE): half the channels for rows, half for columns."""
+    import torch
+
+    quarter = dim // 4
+    freq = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        angle = coord[:, None].float() * freq[None]
+        parts += [angle.sin(), angle.cos()]
+    out = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(out, (0, dim - out.shape[1]))
 
 
 def _swin_config(sizes: Sizes) -> Any:
