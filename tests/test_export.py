@@ -100,7 +100,7 @@ def test_export_from_saved_directory_with_cli(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr()
     assert "validation: passed" in printed.out and "decoder.onnx" in printed.out
-    assert "[6/6] write" in printed.err
+    assert "[5/7] optimize" in printed.err and "[7/7] write" in printed.err
     assert (tmp_path / "out" / "vedrt.json").is_file()
     # the destination is now non-empty: refused without --overwrite, replaced with it
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--no-validate"]) == 2
@@ -189,11 +189,12 @@ def test_failed_or_interrupted_export_leaves_nothing_behind(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []  # no destination, no partial directory
 
 
-def test_quantize_is_reserved_and_old_opsets_refused(tmp_path):
+def test_unknown_quantization_and_old_opsets_refused(tmp_path):
     from vedrt.export import ExportError, export_model
 
-    with pytest.raises(NotImplementedError, match="int8"):
-        export_model(tiny_model(), tmp_path / "a", quantize="int8")
+    with pytest.raises(ExportError, match="int4"):
+        export_model(tiny_model(), tmp_path / "a", quantize="int4")
+    assert not (tmp_path / "a").exists()
     with pytest.raises(ExportError, match="opset 17"):
         export_model(tiny_model(), tmp_path / "b", opset=17)
 

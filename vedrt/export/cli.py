@@ -37,7 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace OUT_DIR if it is not empty"
     )
     parser.add_argument(
-        "--quantize", choices=["int8"], default=None, help="dynamic int8 weights for the MatMuls"
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="dynamic int8 weights for the MatMuls (checked by greedy-token agreement with fp32)",
     )
 
 
@@ -63,10 +66,11 @@ class _Stages:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .exporter import STAGES, ExportError, export_model
+    from .exporter import ExportError, export_model
+    from .exporter import stages as export_stages
     from .validate import ValidationError
 
-    stages = _Stages(STAGES)
+    stages = _Stages(export_stages(args.quantize))
     try:
         report = export_model(
             args.model_dir,
