@@ -46,8 +46,22 @@ def test_int8_export_quantizes_every_weight_matmul(int8_export, exported, capsys
     for name in ("encoder", "cross_kv", "decoder"):
         ops = _op_types(int8_export / f"{name}.onnx")
         assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, name
+    from vedrt.export.optimize import graph_bytes
+
     _, fp32 = exported("vit", "gpt2")
-    assert (int8_export / "decoder.onnx").stat().st_size < (fp32 / "decoder.onnx").stat().st_size
+    assert graph_bytes(int8_export / "decoder.onnx") < graph_bytes(fp32 / "decoder.onnx")
+    assert manifest["graphs"]["decoder"]["bytes"] == graph_bytes(int8_export / "decoder.onnx")
+    # the tied head's fp32 copy is gone: tokens are looked up in its int8 copy
+    import onnx
+
+    decoder = onnx.load(str(int8_export / "decoder.onnx"), load_external_data=False)
+    assert "head_weight_t" not in {t.name for t in decoder.graph.initializer}
+
+
+def test_weights_are_stored_beside_the_graphs(exported):
+    _, out = exported("vit", "gpt2")
+    for name in ("encoder", "cross_kv", "decoder"):
+        assert (out / f"{name}.onnx.data").stat().st_size > (out / f"{name}.onnx").stat().st_size
 
 
 def test_int8_validation_reports_token_agreement(int8_export):
