@@ -8,6 +8,7 @@ TrOCR-base and the scene model; batch 1, 8 and 32; greedy and beam 4).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     started = time.time()
+    load_before = os.getloadavg()
     models = []
     for name in [m for m in args.models.split(",") if m]:
         spec = prepare(name, args.work_dir, precisions, log)
@@ -112,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": time.time() - started,
         "machine": report.machine(),
+        # other work on the machine inflates every backend, eager PyTorch most: say how busy it was
+        "load_average": {"start": load_before[0], "end": os.getloadavg()[0]},
         "threads": args.threads,
         "reps": args.reps,
         "warmups": args.warmups,

@@ -26,23 +26,27 @@ def caption_agreement(
     pictures = [render(s) for s in scenes]
     truth = [s.caption for s in scenes]
     out: dict = {"images": images, "beams": beams}
-    captions = {}
+    ids, texts = {}, {}
     for name, path in (("fp32", fp32_dir), ("int8", int8_dir)):
         gen = load(path, threads=threads)
-        captions[name] = []
+        ids[name], texts[name] = [], []
         for start in range(0, images, 16):
-            batch = pictures[start : start + 16]
-            captions[name] += [c.strip() for c in gen.caption(batch, num_beams=beams)]
-        out[f"{name}_exact_match"] = (
-            sum(a == b for a, b in zip(captions[name], truth, strict=True)) / images
-        )
-    same = sum(a == b for a, b in zip(captions["fp32"], captions["int8"], strict=True))
+            pixels = gen.preprocess(pictures[start : start + 16])
+            rows = gen.generate(pixels, num_beams=beams)
+            ids[name] += [tuple(r) for r in rows.tolist()]
+            if (Path(path) / "tokenizer.json").is_file():
+                texts[name] += [c.strip() for c in gen.decode(rows)]
+        if texts[name]:
+            hits = sum(a == b for a, b in zip(texts[name], truth, strict=True))
+            out[f"{name}_exact_match"] = hits / images
+    # identical token ids: identical captions, whatever the tokenizer does with them
+    same = sum(a == b for a, b in zip(ids["fp32"], ids["int8"], strict=True))
     out["identical"] = same / images
-    out["differing_examples"] = [
-        {"truth": t, "fp32": a, "int8": b}
-        for t, a, b in zip(truth, captions["fp32"], captions["int8"], strict=True)
-        if a != b
-    ][:5]
+    if texts["fp32"] and texts["int8"]:
+        pairs = zip(truth, texts["fp32"], texts["int8"], strict=True)
+        out["differing_examples"] = [
+            {"truth": t, "fp32": a, "int8": b} for t, a, b in pairs if a != b
+        ][:5]
     return out
 
 

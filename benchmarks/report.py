@@ -106,8 +106,13 @@ def model_table(model: dict) -> list[str]:
     if agree:
         lines.append(
             f"- int8 vs fp32 captions on {agree['images']} held-out scenes (beam {agree['beams']}): "
-            f"{agree['identical']:.1%} identical; exact match with the truth fp32 "
-            f"{agree['fp32_exact_match']:.1%}, int8 {agree['int8_exact_match']:.1%}"
+            f"{agree['identical']:.1%} identical"
+            + (
+                f"; exact match with the truth fp32 {agree['fp32_exact_match']:.1%}, "
+                f"int8 {agree['int8_exact_match']:.1%}"
+                if "int8_exact_match" in agree
+                else ""
+            )
         )
     for s in _settings(model):
         ref, opt = _p50(model, s, "transformers"), _p50(model, s, "optimum")
@@ -132,6 +137,16 @@ def model_table(model: dict) -> list[str]:
     return lines
 
 
+def _load_line(report: dict) -> str:
+    load = report.get("load_average")
+    if not load:
+        return ""
+    return (
+        f"Load average (1 min) at the start {load['start']:.1f}, at the end {load['end']:.1f}, on "
+        f"{report['machine']['cores']} cores: above 0 means other work shared the CPU during the run."
+    )
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
@@ -143,6 +158,7 @@ def markdown(report: dict) -> str:
         f"{report['reps']} timed repetitions per backend and setting after {report['warmups']} warm-up(s), "
         "interleaved across backends; each backend in its own process (its own peak RSS). Speedups are "
         "ratios of p50 latencies from this run. Per token: (total - encoder - first step) / (new tokens - 1).",
+        _load_line(report),
         "",
     ]
     for model in report["models"]:
