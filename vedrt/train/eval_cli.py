@@ -145,10 +145,8 @@ def run(args: argparse.Namespace) -> int:
     if any(b < 1 for b in args.beams) or args.batch_size < 1:
         raise UsageError("--beams and --batch-size must be >= 1")
     images, refs = _dataset(args)
-    what = (
-        args.data
-        or f"{len(images)} held-out scenes (seed {args.seed}, {'plain' if args.plain else 'augmented'})"
-    )
+    style = f"plain, {args.side} px" if args.plain else "augmented"
+    what = args.data or f"{len(images)} held-out scenes (seed {args.seed}, {style})"
     print(f"evaluating {model_dir} on {what}")
 
     captioners = {
