@@ -110,3 +110,21 @@ def test_examples_follow_the_grammar() -> None:
         assert parse_caption(row["caption"]), row
         with Image.open(root / row["image"]) as im:
             assert 64 <= im.size[0] <= 256
+
+
+def test_shipped_model_captions_the_examples() -> None:
+    """The packaged export directory is present and right on every example (runtime only)."""
+    import json
+    from pathlib import Path
+
+    from vedrt.runtime import load
+
+    root = Path(__file__).resolve().parent.parent
+    model = root / "vedrt" / "models" / "scenes"
+    rows = [
+        json.loads(line) for line in (root / "examples" / "captions.jsonl").read_text().splitlines()
+    ]
+    gen = load(model, threads=1)
+    images = [root / "examples" / r["image"] for r in rows]
+    for beams in (1, 4):
+        assert gen.caption(images, num_beams=beams) == [r["caption"] for r in rows]
