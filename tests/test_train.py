@@ -250,3 +250,57 @@ def test_bad_sizes_are_usage_errors(tmp_path: Path, capsys) -> None:
     assert "not a multiple of --patch-size" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "o"), *TINY, "--encoder-type", "convnext"]) == 2
     assert "--encoder-type must be" in capsys.readouterr().err
+
+
+def test_train_from_pretrained_parts(tmp_path: Path) -> None:
+    """`--encoder DIR --decoder DIR`: from_encoder_decoder_pretrained, the decoder's tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel
+
+    from vedrt.train import model as build
+
+    tok = build.train_tokenizer(scenes.all_captions(), 300)
+    enc = ViTModel(
+        ViTConfig(
+            image_size=16,
+            patch_size=8,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        ),
+        add_pooling_layer=False,
+    )
+    dec = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_embd=24, n_layer=1, n_head=2, n_positions=64)
+    )
+    enc.save_pretrained(tmp_path / "enc")
+    dec.save_pretrained(tmp_path / "dec")
+    tok.save_pretrained(tmp_path / "dec")
+    out = tmp_path / "ckpt"
+    args = [
+        "train",
+        "--out",
+        str(out),
+        "--encoder",
+        str(tmp_path / "enc"),
+        "--decoder",
+        str(tmp_path / "dec"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--eval-steps",
+        "2",
+        "--valid-size",
+        "4",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+    ]
+    assert main(args) == 0
+    from transformers import VisionEncoderDecoderModel
+
+    model = VisionEncoderDecoderModel.from_pretrained(out)
+    assert model.config.decoder.add_cross_attention and hasattr(model, "enc_to_dec_proj")
+    assert (out / "preprocessor_config.json").is_file()

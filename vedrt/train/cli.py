@@ -1,7 +1,8 @@
 """`vedrt train`: train a captioner on synthetic scenes (the default) or on your own data.
 
-The shipped scene model was made with `vedrt train --out checkpoints/scenes` (defaults below);
-see docs/scene-model.md.
+The shipped scene model was made with
+`OMP_NUM_THREADS=1 vedrt train --out checkpoints/scenes --threads 1` (every other setting is a
+default below); see docs/scene-model.md.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--valid-size", type=int, default=200, help="validation captions (default 200)"
     )
-    model = parser.add_argument_group("model (default: small Swin + GPT2 built from configs)")
+    model = parser.add_argument_group("model (default: small BEiT + GPT2 built from configs)")
     model.add_argument("--encoder", help="pretrained encoder folder (with --decoder)")
     model.add_argument("--decoder", help="pretrained decoder folder (with --encoder)")
     model.add_argument(
