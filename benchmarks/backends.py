@@ -255,7 +255,7 @@ def _optimum_bytes(spec: ModelSpec) -> int:
 
 
 def _export_bytes(precision: str) -> Callable[[ModelSpec], int]:
-    return lambda spec: _bytes(spec.exports[precision].glob("*.onnx"))
+    return lambda spec: _bytes(spec.exports[precision].glob("*.onnx*"))
 
 
 def _has_checkpoint(spec: ModelSpec) -> str | None:

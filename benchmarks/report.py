@@ -193,6 +193,15 @@ def readme_table(report: dict, model_name: str = "vit-gpt2") -> str:
                 f"| {b['name']} {b['precision']} | {_tokens(by_beams.get(4, any_row))} | {cells[0]} | {cells[1]} | "
                 f"{max(r['peak_rss_mb'] for r in by_beams.values()):,.0f} MB | {_ms(b.get('load_s'))} |"
             )
+    m, load = report["machine"], report.get("load_average") or {}
+    lines += [
+        "",
+        f"{m['cpu']}, {m['cores']} cores, {report['threads']} threads, onnxruntime "
+        f"{m['versions']['onnxruntime']}, torch {m['versions']['torch']}; p50 of {report['reps']} "
+        f"interleaved runs, (speedup vs transformers) from the same run"
+        + (f"; load average {load['start']:.1f}-{load['end']:.1f} (shared machine)" if load else "")
+        + ". Details: benchmarks/results/results.md.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -242,3 +251,19 @@ def write(report: dict, out_dir: Path, stem: str = "results") -> list[Path]:
     except ImportError:
         pass
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite the Markdown, chart and README table from a results JSON (no re-run)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0] if args else Path(__file__).parent / "results" / "results.json")
+    report = json.loads(path.read_text())
+    write(report, path.parent, path.stem)
+    (path.parent / "README-table.md").write_text(readme_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
