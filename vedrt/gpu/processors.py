@@ -9,13 +9,13 @@ token history as Python lists, so it copies the ids to the host each step (the o
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
-from functools import partial
 
 import torch
 
 from ..runtime.options import GenerationOptions
-from ..runtime.processors import banned_ngram_tokens, without_eos_words
+from ..runtime.processors import banned_ngram_tokens, build_common
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -74,23 +74,7 @@ def forced_token(
 
 def build(o: GenerationOptions) -> list[Processor]:
     """The processors `model.generate()` would build for these (non-sampling) options."""
-    eos = o.eos_token_id
-    chain: list[Processor] = []
-    if o.repetition_penalty != 1.0:
-        chain.append(partial(repetition_penalty, o.repetition_penalty))
-    if o.no_repeat_ngram_size > 0:
-        chain.append(partial(no_repeat_ngram, o.no_repeat_ngram_size))
-    if o.bad_words_ids is not None:
-        words = without_eos_words(o.bad_words_ids, eos)
-        if words:
-            chain.append(partial(bad_words, words))
-    if eos is not None and o.min_length > 0:
-        chain.append(partial(min_length, o.min_length, eos))
-    if o.forced_bos_token_id is not None:
-        chain.append(partial(forced_token, 1, (o.forced_bos_token_id,)))
-    if o.forced_eos_token_id is not None:
-        chain.append(partial(forced_token, o.max_length - 1, o.forced_eos_token_id))
-    return chain
+    return build_common(o, sys.modules[__name__])
 
 
 def apply(chain: list[Processor], ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,10 @@ that the chosen tokens are the same. They may modify `scores` in place.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -127,24 +129,35 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def build(o: GenerationOptions) -> list[Processor]:
-    """The processors `model.generate()` would build for these options, in its order."""
+def build_common(o: GenerationOptions, impl: Any) -> list[Processor]:
+    """The non-sampling processors `model.generate()` builds, in its order.
+
+    `impl` is the module holding the processor functions: this one (numpy) or `vedrt.gpu.processors`
+    (torch), so both backends apply the same processors in the same order.
+    """
     eos = o.eos_token_id
     chain: list[Processor] = []
     if o.repetition_penalty != 1.0:
-        chain.append(partial(repetition_penalty, o.repetition_penalty))
+        chain.append(partial(impl.repetition_penalty, o.repetition_penalty))
     if o.no_repeat_ngram_size > 0:
-        chain.append(partial(no_repeat_ngram, o.no_repeat_ngram_size))
+        chain.append(partial(impl.no_repeat_ngram, o.no_repeat_ngram_size))
     if o.bad_words_ids is not None:
         words = without_eos_words(o.bad_words_ids, eos)
         if words:
-            chain.append(partial(bad_words, words))
+            chain.append(partial(impl.bad_words, words))
     if eos is not None and o.min_length > 0:
-        chain.append(partial(min_length, o.min_length, eos))
+        chain.append(partial(impl.min_length, o.min_length, eos))
     if o.forced_bos_token_id is not None:
-        chain.append(partial(forced_token, 1, (o.forced_bos_token_id,)))
+        chain.append(partial(impl.forced_token, 1, (o.forced_bos_token_id,)))
     if o.forced_eos_token_id is not None:
-        chain.append(partial(forced_token, o.max_length - 1, o.forced_eos_token_id))
+        chain.append(partial(impl.forced_token, o.max_length - 1, o.forced_eos_token_id))
+    return chain
+
+
+def build(o: GenerationOptions) -> list[Processor]:
+    """The processors `model.generate()` would build for these options, in its order."""
+    eos = o.eos_token_id
+    chain = build_common(o, sys.modules[__name__])
     if o.do_sample:
         keep = (len(eos) + 1 if eos else 2) if o.num_beams > 1 else 1
         if o.temperature != 1.0:
