@@ -54,6 +54,12 @@ class Generator:
             out = search.greedy_or_sample(self.executor, cross, batch, o)
         return out if o.return_dict else out.sequences
 
+    def engine(self, max_rows: int = 32):
+        """An engine over this generator: many requests stepped together (`vedrt.runtime.engine`)."""
+        from .engine import Engine
+
+        return Engine(self, max_rows=max_rows)
+
     def check_pixel_values(self, pixel_values: Any) -> np.ndarray:
         """One clear error for the wrong type, dtype, rank or size, before any graph runs."""
         m = self.manifest
