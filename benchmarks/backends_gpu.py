@@ -100,7 +100,7 @@ def _engine_dir(spec: ModelSpec) -> Path:
 
 def _ensure_engines(export: Path, precision: str) -> None:
     """Build (or reuse, by cache key) the engines; not part of what is timed."""
-    from vedrt.runtime.manifest import read_manifest
+    from vedrt.manifest import read_manifest
     from vedrt.tensorrt.build import build_engines
     from vedrt.tensorrt.profiles import Limits
 

@@ -114,7 +114,7 @@ def trt_export(spread, tmp_path_factory):
 
 
 def test_tensorrt_fp32_engines_match_the_cpu_runtime(trt_export):
-    from vedrt.runtime.manifest import read_manifest
+    from vedrt.manifest import read_manifest
     from vedrt.tensorrt.build import build_engines
     from vedrt.tensorrt.profiles import Limits
 

@@ -1,8 +1,8 @@
-"""The device search loop (vedrt.gpu.search) on the torch executor, on the CPU: token-for-token
-transformers `generate()`, for greedy and beam search with every option it supports.
+"""The search and engine on torch ops (vedrt.gpu.ops) with the torch executor, on the CPU:
+token-for-token transformers `generate()`, for greedy and beam search with every option.
 
-These need no GPU: the loop is the same torch code on any device, and the torch executor runs the
-exporter's own modules. What only a GPU can show (CUDA graphs, fp16, TensorRT, ORT CUDA) is in
+These need no GPU: the search is the runtime's own code over torch tensors on any device, and the
+torch executor runs the exporter's own modules. What only a GPU can show (CUDA graphs, fp16, TensorRT, ORT CUDA) is in
 test_gpu_cuda.py.
 """
 
@@ -136,19 +136,40 @@ def test_caption_paths_are_the_runtime_s(spread):
         generator.generate(pv[:, :, :16])
     with pytest.raises(TypeError, match="unexpected keyword"):
         generator.generate(pv, num_beam=2)
-    with pytest.raises(InputError, match="do_sample"):
-        generator.generate(pv, do_sample=True)
+    assert type(generator).__name__ == "Generator"  # one Generator class for every backend
 
 
-def test_buffers_are_reused_and_cross_kv_is_per_image(spread):
+def test_sampling_on_torch_ops_is_the_numpy_runtime_s(spread):
+    """The Gumbel noise comes from numpy's generator on every backend: same seed, same samples
+    (the logits differ by float noise only, far below the gaps between sampled scores)."""
+    _, generator, pv, eos, out = spread
+    cpu = load(out)
+    for kwargs in (
+        {"do_sample": True, "seed": 3, "top_k": 5, "max_new_tokens": 8},
+        {"do_sample": True, "seed": 4, "num_beams": 3, "top_p": 0.9, "max_new_tokens": 8},
+        {"do_sample": True, "seed": 5, "num_return_sequences": 2, "temperature": 0.7},
+    ):
+        ours = generator.generate(pv, eos_token_id=eos[0], **kwargs)
+        np.testing.assert_array_equal(ours, cpu.generate(pv, eos_token_id=eos[0], **kwargs))
+
+
+def test_pool_is_reused_and_cross_kv_is_per_image(spread):
     _, generator, pv, _, _ = spread
-    executor = generator.executor
-    cross = executor.encode(pv[:2])
-    assert all(c.shape[0] == 2 for c in cross)  # never expanded to batch * beams
-    first = executor.new_cache(8, 12)
-    assert executor.new_cache(8, 12) is first  # pooled: one allocation per shape
-    generator.generate(pv[:2], num_beams=4, max_new_tokens=12)
-    assert executor.new_cache(8, 12) is first
+    encoded = generator.executor.encode(pv[:2])
+    assert all(c.shape[0] == 2 for c in encoded.cross)  # never expanded to batch * beams
+    engine = generator.engine(max_rows=8)
+    first = engine.submit(pv[:2], num_beams=4, max_new_tokens=12)
+    while not first.done():
+        engine.step()
+    pool = engine.pool
+    assert isinstance(pool.cache, torch.Tensor) and pool.cross.shape[1] == 2  # slots, per image
+    second = engine.submit(pv[2:4], num_beams=4, max_new_tokens=12)
+    while not second.done():
+        engine.step()
+    assert engine.pool is pool and pool.version == 0  # no reallocation for the second request
+    np.testing.assert_array_equal(
+        second.result(), generator.generate(pv[2:4], num_beams=4, max_new_tokens=12)
+    )
 
 
 def test_checkpoint_from_directories(spread, tmp_path):
@@ -182,6 +203,8 @@ def test_load_errors(exported, tmp_path):
         load(out, backend="torch", device="tpu", checkpoint=model)
     with pytest.raises(TypeError, match="unexpected keyword"):
         load(out, precision="fp16")  # the CPU runtime takes no GPU options
+    with pytest.raises(InputError, match="unknown backend"):
+        load(out, backend="tensorflow")
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no CUDA GPU"):
             load(out, backend="torch", device="cuda", checkpoint=model)

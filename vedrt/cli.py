@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import UsageError, VedrtError  # noqa: F401  (UsageError: importable from here too)
+
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "caption": (
@@ -28,10 +30,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("benchmarks.__main__", "benchmark vedrt against transformers and Optimum"),
     "build": ("vedrt.tensorrt.cli", "build TensorRT FP16 engines from an export directory"),
 }
-
-
-class UsageError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)
-    except UsageError as exc:
+    except VedrtError as exc:
         print(f"vedrt {name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

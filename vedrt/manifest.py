@@ -1,27 +1,71 @@
-"""Reading and writing `vedrt.json`, the export directory's manifest (see docs/export-format.md).
+"""`vedrt.json`, the export directory's manifest: the one module that writes and reads it.
 
-Shared by the exporter (which writes it) and every runtime backend (which reads it), so it stays
-free of torch, numpy and onnx.
+The exporter builds it with `build_manifest` and writes it with `write_manifest`; every backend
+reads it with `read_manifest`, which checks the fields the runtime relies on up front, so a
+missing or corrupt file fails at `load()` with one clear line, not deep inside a graph run in the
+middle of a generation. Free of torch, numpy and onnx (see docs/export-format.md).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+
 MANIFEST_NAME = "vedrt.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the decoder step takes per-row positions, image slots, an encoder mask
 GRAPHS = ("encoder", "cross_kv", "decoder")
 
 
-class ExportDirError(ValueError):
+class ExportDirError(InputError):
     """An export directory that cannot be used: missing, incomplete, corrupt or too new."""
 
 
-def read_manifest(export_dir: str | Path) -> dict[str, Any]:
-    """The manifest of an export directory, after checking that the directory is complete."""
-    root = Path(export_dir)
+@dataclass(frozen=True)
+class Manifest:
+    """What the runtime needs from vedrt.json, with the directory it came from."""
+
+    root: Path
+    image_size: tuple[int, int]
+    num_channels: int
+    enc_len: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int | None
+    special_tokens: dict[str, Any]
+    generation_config: dict[str, Any]
+    graph_files: dict[str, Path]
+    raw: dict[str, Any] = field(repr=False)
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """The checkpoint's generation config, with the special ids filled in where it lacks them."""
+        config = {k: v for k, v in self.special_tokens.items() if v is not None}
+        config.update({k: v for k, v in self.generation_config.items() if v is not None})
+        return config
+
+
+def _get(data: dict, *keys: str) -> Any:
+    node: Any = data
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            raise ExportDirError(f"vedrt.json: missing {'.'.join(keys)}")
+        node = node[key]
+    return node
+
+
+def _int(data: dict, *keys: str) -> int:
+    value = _get(data, *keys)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ExportDirError(f"vedrt.json: {'.'.join(keys)} must be an integer, got {value!r}")
+    return value
+
+
+def _read_json(root: Path) -> dict[str, Any]:
     if not root.is_dir():
         raise ExportDirError(f"export directory not found: {root}")
     path = root / MANIFEST_NAME
@@ -30,23 +74,74 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any]:
             f"{root} is not a vedrt export directory (no {MANIFEST_NAME}); create one with `vedrt export`"
         )
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ExportDirError(f"corrupt manifest {path}: {exc}") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    version = data.get("format_version") if isinstance(data, dict) else None
     if version != FORMAT_VERSION:
         raise ExportDirError(
-            f"{path}: format_version {version!r} is not supported (this vedrt reads {FORMAT_VERSION})"
+            f"{path}: format_version {version!r} is not supported (this vedrt reads "
+            f"{FORMAT_VERSION}); re-export the model with this version's `vedrt export`"
         )
+    return data
+
+
+def read_manifest(export_dir: str | Path) -> Manifest:
+    """Parse vedrt.json and check that every graph it names is there."""
+    root = Path(export_dir)
+    data = _read_json(root)
+    try:
+        return _parse(root, data)
+    except (AttributeError, TypeError, KeyError) as exc:  # valid JSON, wrong structure
+        raise ExportDirError(
+            f"corrupt manifest {root / MANIFEST_NAME}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _parse(root: Path, data: dict[str, Any]) -> Manifest:
+    image_size = _get(data, "encoder", "image_size")
+    if not (
+        isinstance(image_size, list)
+        and len(image_size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in image_size)
+    ):
+        raise ExportDirError(
+            f"vedrt.json: encoder.image_size must be [height, width], got {image_size!r}"
+        )
+    files = {}
     for name in GRAPHS:
-        graph = manifest.get("graphs", {}).get(name)
-        if not graph or not (root / graph["file"]).is_file():
-            missing = graph["file"] if graph else f"{name} graph entry"
-            raise ExportDirError(f"export directory {root} is incomplete: {missing} is missing")
-    return manifest
+        path = root / str(_get(data, "graphs", name, "file"))
+        if not path.is_file():
+            raise ExportDirError(
+                f"export directory {root} is incomplete: {path.name} is missing (re-export the model)"
+            )
+        files[name] = path
+    max_positions = _get(data, "decoder").get("max_positions")
+    generation_config = data.get("generation_config") or {}
+    special = data.get("special_tokens") or {}
+    if not isinstance(generation_config, dict) or not isinstance(special, dict):
+        raise ExportDirError("vedrt.json: generation_config and special_tokens must be objects")
+    return Manifest(
+        root=root,
+        image_size=(image_size[0], image_size[1]),
+        num_channels=_int(data, "encoder", "num_channels"),
+        enc_len=_int(data, "encoder", "enc_len"),
+        num_layers=_int(data, "decoder", "num_layers"),
+        num_heads=_int(data, "decoder", "num_heads"),
+        head_dim=_int(data, "decoder", "head_dim"),
+        vocab_size=_int(data, "decoder", "vocab_size"),
+        max_positions=max_positions if isinstance(max_positions, int) else None,
+        special_tokens=special,
+        generation_config=generation_config,
+        graph_files=files,
+        raw=data,
+    )
 
 
 def write_manifest(export_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write `manifest` (a dict in this module's schema) as the directory's vedrt.json."""
+    if manifest.get("format_version") != FORMAT_VERSION:
+        manifest = {"format_version": FORMAT_VERSION, **manifest}
     path = Path(export_dir) / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return path

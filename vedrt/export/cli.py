@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from ..cli import UsageError
+from ..errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -323,12 +323,26 @@ def export_model(
         specs = export_graphs(model, tmp, image_size, opset, progress)
         progress("optimize")
         fused = fuse_graphs(tmp)
+        enc_shape = specs["encoder"].outputs[0].shape
+
+        def manifest(validation, graph_bytes):
+            fields = _manifest(
+                model, specs, image_size, fam_enc, fam_dec, opset, validation,
+                enc_shape[1], enc_shape[2], graph_bytes,
+            )  # fmt: skip
+            return fields | _optimization_fields(fused, quantize, validation_json)
+
         validation: Validation | None = None
+        validation_json = None
+        # written now so validation loads the graphs as the runtime will; rewritten at the end
+        write_manifest(
+            tmp, manifest(None, {s.file: graph_size(tmp / s.file) for s in specs.values()})
+        )
         if validate:
             progress("validate")
             gen = model.generation_config
             start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else 0
-            validation = validate_export(model, tmp, image_size, start)
+            validation = validate_export(model, tmp, start)
             if not validation.passed:
                 raise ValidationError(
                     f"validation failed: max |logits difference| {validation.max_abs_diff:.3e} exceeds "
@@ -347,20 +361,7 @@ def export_model(
         warnings += quant_warnings
         externalize(tmp)  # weights beside the graphs: faster load, lower peak memory
         graph_bytes = {spec.file: graph_size(tmp / spec.file) for spec in specs.values()}
-        enc_shape = specs["encoder"].outputs[0].shape
-        manifest = _manifest(
-            model,
-            specs,
-            image_size,
-            fam_enc,
-            fam_dec,
-            opset,
-            validation,
-            enc_shape[1],
-            enc_shape[2],
-            graph_bytes,
-        )
-        write_manifest(tmp, manifest | _optimization_fields(fused, quantize, validation_json))
+        write_manifest(tmp, manifest(validation, graph_bytes))
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -390,7 +391,7 @@ def _quantize(
         return None, []
     gen = model.generation_config
     start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else 0
-    agreement = token_agreement(model, tmp, image_size, start)
+    agreement = token_agreement(model, tmp, start)
     validation = {**validation, "token_agreement": agreement.to_json()}
     warnings = []
     if not agreement.passed:

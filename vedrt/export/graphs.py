@@ -52,6 +52,11 @@ def graph_specs(
         for i in range(layers)
         for kv in ("key", "value")
     )
+    cross_pool = tuple(
+        TensorSpec(f"cross_{kv}.{i}", f32, ("slots", heads, enc_len, hd))
+        for i in range(layers)
+        for kv in ("key", "value")
+    )
     cache = tuple(
         TensorSpec(f"self_{kv}.{i}", f32, ("batch_beams", heads, "cache_len", hd))
         for i in range(layers)
@@ -76,9 +81,11 @@ def graph_specs(
             "decoder.onnx",
             (
                 TensorSpec("input_ids", "int64", ("batch_beams", "new_len")),
-                TensorSpec("past_length", "int64", ()),
+                TensorSpec("past_lengths", "int64", ("batch_beams",)),
                 *cache,
-                *cross,
+                *cross_pool,
+                TensorSpec("group_slots", "int64", ("groups",)),
+                TensorSpec("encoder_mask", "int64", ("slots", enc_len)),
             ),
             (TensorSpec("logits", f32, ("batch_beams", vocab)), *new, *attn),
         ),
@@ -92,15 +99,16 @@ def _dynamic(spec: TensorSpec) -> dict[int, torch.export.Dim] | None:
 
 def _dynamo(module, args: tuple, spec: GraphSpec, opset: int) -> onnx.ModelProto:
     flat_inputs = list(spec.inputs)
-    if isinstance(
-        module, DecoderStep
-    ):  # its forward takes (ids, past_length, cache list, cross list)
-        n_cache = (len(flat_inputs) - 2) // 2
+    if isinstance(module, DecoderStep):
+        # its forward takes (ids, past_lengths, cache list, cross list, group_slots, encoder_mask)
+        n_cache = (len(flat_inputs) - 4) // 2
         dyn = (
             _dynamic(flat_inputs[0]),
-            None,
+            _dynamic(flat_inputs[1]),
             [_dynamic(s) for s in flat_inputs[2 : 2 + n_cache]],
-            [_dynamic(s) for s in flat_inputs[2 + n_cache :]],
+            [_dynamic(s) for s in flat_inputs[2 + n_cache : 2 + 2 * n_cache]],
+            _dynamic(flat_inputs[-2]),
+            _dynamic(flat_inputs[-1]),
         )
     else:
         dyn = tuple(_dynamic(s) for s in flat_inputs)
@@ -200,11 +208,14 @@ def export_graphs(
     progress("cross_kv.onnx")
     _export(cross_kv, (states.contiguous(),), specs["cross_kv"], out_dir / "cross_kv.onnx", opset)
     progress("decoder.onnx")
+    rows, slots = ids.shape[0], pixel_values.shape[0]
     args = (
         ids[:, :2].contiguous(),
-        torch.tensor(2, dtype=torch.int64),
+        torch.arange(2, 2 + rows, dtype=torch.int64) % 3,  # rows at different positions
         list(cache),
         [c.contiguous() for c in cross],
+        torch.arange(slots, dtype=torch.int64).flip(0),  # groups read slots in another order
+        torch.ones(slots, states.shape[1], dtype=torch.int64),
     )
     _export(step, args, specs["decoder"], out_dir / "decoder.onnx", opset)
     return specs

@@ -3,11 +3,14 @@
 The exporter traces these to ONNX, and the GPU torch executor runs them as they are, so both run
 the same computation. They hold references to the checkpoint's submodules (no weight copies) and
 re-express the decoder as one KV-cached step that transformers' own code cannot give:
-- the self-attention cache is a preallocated buffer `[batch_beams, heads, cache_len, head_dim]`
-  read up to `past_length` (a tensor, so one graph serves every step and static-shape engines work);
-  the step returns only its new keys/values, which the caller writes in by position;
-- the cross-attention keys/values are computed once per image (`CrossKV`) and shared by that
-  image's beams through a broadcast, never expanded or reordered.
+- the self-attention cache is a preallocated buffer `[rows, heads, cache_len, head_dim]`, each
+  row read up to its own `past_lengths[row]` (a tensor: one graph serves every step, rows of
+  different requests sit at different positions, and static-shape engines work); the step
+  returns only its new keys/values, which the caller writes in by position;
+- the cross-attention keys/values are computed once per image (`CrossKV`) into a pool of image
+  slots; rows come in equal-size groups and `group_slots[g]` names the slot group g reads, so an
+  image's beams share its K/V, which are never expanded per row or reordered. `encoder_mask`
+  [slots, enc_len] masks padding of encoder states shorter than the slot (text encoders).
 """
 
 from __future__ import annotations
@@ -84,8 +87,9 @@ def _attention_scale(config, family: DecoderFamily, layer: int, head_dim: int) -
 class DecoderStep(nn.Module):
     """One decoder step over a preallocated self-attention cache; see the module docstring.
 
-    forward(input_ids [N,T], past_length [], self_cache (k0, v0, k1, v1, ...) each [N,H,L,hd],
-            cross (k0, v0, ...) each [B,H,S,hd]) ->
+    forward(input_ids [N,T], past_lengths [N], self_cache (k0, v0, k1, v1, ...) each [N,H,L,hd],
+            cross (k0, v0, ...) each [slots,H,S,hd], group_slots [G] (N = G * rows per group),
+            encoder_mask [slots,S]) ->
         (logits [N,V] of the last position, new k0, new v0, ... [N,H,T,hd], cross_attn0, ... [N,H,T,S])
     """
 
@@ -138,7 +142,7 @@ class DecoderStep(nn.Module):
             self.head = head
         self.head_bias = head.bias if self.tied else None
 
-    def embed(self, input_ids: torch.Tensor, past_length: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, past_lengths: torch.Tensor) -> torch.Tensor:
         n, t = input_ids.shape
         if self.tied:
             tokens = self.head_weight_t.index_select(1, input_ids.reshape(-1)).t().reshape(n, t, -1)
@@ -147,12 +151,12 @@ class DecoderStep(nn.Module):
                 n, t, -1
             )
         tokens = tokens * self.embed_scale if self.embed_scale != 1.0 else tokens
-        steps = torch.arange(t, device=input_ids.device).unsqueeze(0)
+        past = past_lengths.unsqueeze(1)  # [N, 1]: every row at its own position
         if self.positions == "padding":
             keep = (input_ids != self.padding_idx).long()
-            positions = (torch.cumsum(keep, dim=1) + past_length) * keep + self.padding_idx
+            positions = (torch.cumsum(keep, dim=1) + past) * keep + self.padding_idx
         else:
-            positions = (steps + past_length).expand(n, t)
+            positions = torch.arange(t, device=input_ids.device).unsqueeze(0) + past
             if self.positions == "offset2":
                 positions = positions + 2
         x = tokens + self.position_table.index_select(0, positions.reshape(-1)).reshape(n, t, -1)
@@ -160,7 +164,7 @@ class DecoderStep(nn.Module):
             x = x + self.token_type_row
         return self.embedding_norm(x) if self.embedding_norm is not None else x
 
-    def self_attention(self, block, x, past_length, cache_k, cache_v, scale):
+    def self_attention(self, block, x, past_masked, cache_k, cache_v, scale):
         f = self.family
         if f.self_qkv is not None:
             q, k, v = get_path(block, f.self_qkv)(x).chunk(3, dim=-1)
@@ -170,12 +174,11 @@ class DecoderStep(nn.Module):
             v = get_path(block, f.self_v)(x)
         q, k, v = (_split_heads(a, self.heads) for a in (q, k, v))
         t, cache_len = x.shape[1], cache_k.shape[2]
-        # Scores against the cache (masked past `past_length`) and against this step's own tokens
-        # (causal), softmaxed together: the cache is read in place, never concatenated.
+        # Scores against the cache (masked past each row's own length) and against this step's
+        # own tokens (causal), softmaxed together: the cache is read in place, never concatenated.
+        neg = torch.finfo(q.dtype).min
         past_scores = torch.matmul(q, cache_k.transpose(-1, -2)) * scale
-        filled = torch.arange(cache_len, device=x.device) < past_length
-        neg = torch.finfo(past_scores.dtype).min
-        past_scores = past_scores.masked_fill(~filled, neg)
+        past_scores = past_scores.masked_fill(past_masked, neg)
         new_scores = torch.matmul(q, k.transpose(-1, -2)) * scale
         causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         new_scores = new_scores.masked_fill(~causal, neg)
@@ -185,21 +188,26 @@ class DecoderStep(nn.Module):
         )
         return get_path(block, f.self_out)(_merge_heads(out)), k, v
 
-    def cross_attention(self, block, x, cross_k, cross_v, scale):
+    def cross_attention(self, block, x, cross_k, cross_v, cross_bias, scale):
+        """Rows come in groups of equal size, each group reading one image slot's K/V.
+
+        `cross_k` is the pool [slots, H, S, hd] already gathered to the groups ([G, H, S, hd]);
+        folding a group's rows into the query length makes one batched product per group, so
+        the beams of an image read its keys and values once and they are never copied per row.
+        """
         f = self.family
         q = _split_heads(get_path(block, f.cross_q)(x), self.heads)  # [N,H,T,hd]
         n, h, t, hd = q.shape
-        b = cross_k.shape[0]
-        # Rows of one image's beams are adjacent: fold the beams into the query length so one
-        # batched product per image reads its cross K/V once.
-        q = q.reshape(b, -1, h, t, hd).transpose(1, 2).reshape(b, h, -1, hd)
-        probs = torch.softmax(torch.matmul(q, cross_k.transpose(-1, -2)) * scale, dim=-1)
+        g = cross_k.shape[0]
+        q = q.reshape(g, -1, h, t, hd).transpose(1, 2).reshape(g, h, -1, hd)
+        scores = torch.matmul(q, cross_k.transpose(-1, -2)) * scale + cross_bias
+        probs = torch.softmax(scores, dim=-1)
         out = torch.matmul(probs, cross_v)
-        out = out.reshape(b, h, -1, t, hd).transpose(1, 2).reshape(n, h, t, hd)
-        probs = probs.reshape(b, h, -1, t, probs.shape[-1]).transpose(1, 2).reshape(n, h, t, -1)
+        out = out.reshape(g, h, -1, t, hd).transpose(1, 2).reshape(n, h, t, hd)
+        probs = probs.reshape(g, h, -1, t, probs.shape[-1]).transpose(1, 2).reshape(n, h, t, -1)
         return get_path(block, f.cross_out)(_merge_heads(out)), probs
 
-    def block_forward(self, i, block, x, past_length, cache_k, cache_v, cross_k, cross_v):
+    def block_forward(self, i, block, x, masks, cache_k, cache_v, cross_k, cross_v):
         f = self.family
 
         def norm(name, y):
@@ -211,16 +219,18 @@ class DecoderStep(nn.Module):
         scale = self.scales[i]
         if f.pre_norm:
             a, k, v = self.self_attention(
-                block, norm(f.norm_self, x), past_length, cache_k, cache_v, scale
+                block, norm(f.norm_self, x), masks[0], cache_k, cache_v, scale
             )
             x = x + a
-            c, probs = self.cross_attention(block, norm(f.norm_cross, x), cross_k, cross_v, scale)
+            c, probs = self.cross_attention(
+                block, norm(f.norm_cross, x), cross_k, cross_v, masks[1], scale
+            )
             x = x + c
             x = x + ffn(norm(f.norm_ffn, x))
         else:
-            a, k, v = self.self_attention(block, x, past_length, cache_k, cache_v, scale)
+            a, k, v = self.self_attention(block, x, masks[0], cache_k, cache_v, scale)
             x = norm(f.norm_self, x + a)
-            c, probs = self.cross_attention(block, x, cross_k, cross_v, scale)
+            c, probs = self.cross_attention(block, x, cross_k, cross_v, masks[1], scale)
             x = norm(f.norm_cross, x + c)
             x = norm(f.norm_ffn, x + ffn(x))
         return x, k, v, probs
@@ -235,19 +245,30 @@ class DecoderStep(nn.Module):
         logits = torch.matmul(last, self.head_weight_t)
         return logits + self.head_bias if self.head_bias is not None else logits
 
-    def forward(self, input_ids, past_length, self_cache, cross):
-        x = self.embed(input_ids, past_length)
+    def masks(self, past_lengths, cache_len: int, group_slots, encoder_mask, dtype):
+        """Built once per step, shared by every layer: which cache positions each row has not
+        filled yet ([N,1,1,L] bool), and the additive cross-attention bias of each group's image
+        slot ([G,1,1,S], transformers' `(1 - mask) * finfo.min`)."""
+        positions = torch.arange(cache_len, device=past_lengths.device).unsqueeze(0)
+        past_masked = (positions >= past_lengths.unsqueeze(1))[:, None, None, :]
+        keep = encoder_mask.index_select(0, group_slots).to(dtype)
+        cross_bias = ((1.0 - keep) * torch.finfo(dtype).min)[:, None, None, :]
+        return past_masked, cross_bias
+
+    def forward(self, input_ids, past_lengths, self_cache, cross, group_slots, encoder_mask):
+        x = self.embed(input_ids, past_lengths)
+        masks = self.masks(past_lengths, self_cache[0].shape[2], group_slots, encoder_mask, x.dtype)
         new_kv, attn = [], []
         for i, block in enumerate(self.blocks):
             x, k, v, probs = self.block_forward(
                 i,
                 block,
                 x,
-                past_length,
+                masks,
                 self_cache[2 * i],
                 self_cache[2 * i + 1],
-                cross[2 * i],
-                cross[2 * i + 1],
+                cross[2 * i].index_select(0, group_slots),
+                cross[2 * i + 1].index_select(0, group_slots),
             )
             new_kv += [k, v]
             attn.append(probs)

@@ -357,38 +357,22 @@ class TokenAgreement:
         return {"passed": self.passed, **asdict(self)}
 
 
-def _ort_greedy(export_dir: Path, pixel_values: np.ndarray, start: int, steps: int) -> np.ndarray:
-    """Plain argmax decoding on the written graphs (no manifest needed, no stopping)."""
-    import onnxruntime as ort
+def _vedrt_greedy(export_dir: Path, pixel_values: np.ndarray, start: int, steps: int) -> np.ndarray:
+    """Plain argmax decoding (no stopping) through the runtime's own loader and engine."""
+    from ..runtime import load
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    s = {
-        n: ort.InferenceSession(
-            str(export_dir / f"{n}.onnx"), opts, providers=["CPUExecutionProvider"]
-        )
-        for n in GRAPHS
-    }
-    (states,) = s["encoder"].run(None, {"pixel_values": pixel_values})
-    cross = s["cross_kv"].run(None, {"encoder_hidden_states": states})
-    dec = {i.name: i for i in s["decoder"].get_inputs()}
-    layers = sum(1 for n in dec if n.startswith("self_key."))
-    heads, head_dim = cross[0].shape[1], cross[0].shape[3]
-    n = pixel_values.shape[0]
-    cache = [np.zeros((n, heads, steps, head_dim), np.float32) for _ in range(2 * layers)]
-    ids = np.full((n, 1), start, np.int64)
-    out = []
-    for t in range(steps):
-        feed = {"input_ids": ids, "past_length": np.array(t, np.int64)}
-        for i in range(layers):
-            feed[f"self_key.{i}"], feed[f"self_value.{i}"] = cache[2 * i], cache[2 * i + 1]
-            feed[f"cross_key.{i}"], feed[f"cross_value.{i}"] = cross[2 * i], cross[2 * i + 1]
-        result = s["decoder"].run(None, feed)
-        for j in range(2 * layers):
-            cache[j][:, :, t : t + 1] = result[1 + j]
-        ids = np.argmax(result[0], axis=-1)[:, None].astype(np.int64)
-        out.append(ids[:, 0])
-    return np.stack(out, axis=1)
+    gen = load(export_dir)
+    plain = dict(num_beams=1, do_sample=False, min_length=0, no_repeat_ngram_size=0)
+    plain |= dict(repetition_penalty=1.0, bad_words_ids=None, forced_bos_token_id=None)
+    ids = gen.generate(
+        pixel_values,
+        max_new_tokens=steps,
+        eos_token_id=None,
+        forced_eos_token_id=None,
+        decoder_start_token_id=start,
+        **plain,
+    )
+    return ids[:, 1:]
 
 
 def _torch_greedy(model, pixel_values: np.ndarray, start: int, steps: int) -> np.ndarray:
@@ -407,17 +391,19 @@ def _torch_greedy(model, pixel_values: np.ndarray, start: int, steps: int) -> np
 def token_agreement(
     model,
     export_dir: Path,
-    image_size: tuple[int, int],
     start_token: int,
     images: int = 8,
     new_tokens: int = 16,
     seed: int = 0,
 ) -> TokenAgreement:
     """Compare greedy tokens of the graphs in `export_dir` with the fp32 model's."""
+    from ..manifest import read_manifest
+
+    image_size = read_manifest(export_dir).image_size
     rng = np.random.default_rng(seed)
     pixel_values = rng.standard_normal((images, 3, *image_size), dtype=np.float32)
     max_positions = _max_new(model, new_tokens)
-    ours = _ort_greedy(export_dir, pixel_values, start_token, max_positions)
+    ours = _vedrt_greedy(export_dir, pixel_values, start_token, max_positions)
     ref = _torch_greedy(model, pixel_values, start_token, max_positions)
     same = ours == ref
     first_diff = np.where(same.all(axis=1), same.shape[1], np.argmin(same, axis=1))

@@ -1,13 +1,15 @@
 """Check the written graphs against transformers itself (not against our own torch modules).
 
 Three comparisons on random inputs, each the max |difference| over every output value:
-the encoder states, the first step's logits (past_length 0) and a cached step's logits (the cache
-padded with garbage past `past_length`, to prove it is masked). The decoder runs with two beams per
-image, at other batch and cache sizes than the traced ones, so the shared cross-attention K/V path is exercised.
+the encoder states, the first step's logits and a cached step's logits (the cache filled with
+garbage past each row's length, to prove it is masked). The graphs run through the runtime's own
+loader and executor, with two beams per image, images in image slots out of order, and other
+batch and cache sizes than the traced ones, so every dynamic axis and the slot index are used.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,7 +17,6 @@ import numpy as np
 import torch
 
 from .graphs import example_inputs
-from .modules import decoder_dims
 
 TOLERANCE = 1e-4
 
@@ -45,42 +46,19 @@ class ValidationError(RuntimeError):
     """The exported graphs disagree with the PyTorch model beyond the tolerance."""
 
 
-def _sessions(out_dir: Path):
-    import onnxruntime as ort
+def validate_export(model, out_dir: Path, start_token: int) -> Validation:
+    """Compare the graphs in `out_dir` (its vedrt.json already written) with transformers,
+    running them through the runtime's own loader and executor."""
+    from ..runtime import load
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return {
-        name: ort.InferenceSession(
-            str(out_dir / f"{name}.onnx"), opts, providers=["CPUExecutionProvider"]
-        )
-        for name in ("encoder", "cross_kv", "decoder")
-    }
-
-
-def _run_decoder(
-    sess, cross: list[np.ndarray], ids: np.ndarray, past: int, cache: list[np.ndarray]
-):
-    layers = len(cache) // 2
-    feed = {"input_ids": ids, "past_length": np.array(past, dtype=np.int64)}
-    for i in range(layers):
-        feed[f"self_key.{i}"], feed[f"self_value.{i}"] = cache[2 * i], cache[2 * i + 1]
-        feed[f"cross_key.{i}"], feed[f"cross_value.{i}"] = cross[2 * i], cross[2 * i + 1]
-    return sess.run(None, feed)
-
-
-def validate_export(
-    model, out_dir: Path, image_size: tuple[int, int], start_token: int
-) -> Validation:
-    batch, beams, cache_len = 3, 2, 7  # not the traced sizes: dynamic axes must really be dynamic
-    pixel_values, ids, cache = example_inputs(
-        model, image_size, batch, beams, past=2, new=1, cache_len=cache_len, seed=1
+    gen = load(out_dir, threads=None)
+    executor = gen.executor
+    batch, beams, cache_len, steps = 3, 2, 7, 3  # not the traced sizes: axes must be dynamic
+    pixel_values, ids, _ = example_inputs(
+        model, gen.manifest.image_size, batch, beams, past=2, new=1, cache_len=cache_len, seed=1
     )
     ids[:, 0] = start_token
-    sessions = _sessions(out_dir)
-    layers, _, _ = decoder_dims(model.decoder.config)
-
-    with torch.no_grad():
+    with eager_attention(model), torch.no_grad():
         ref_states = model.encoder(pixel_values=pixel_values).last_hidden_state
         if getattr(model, "enc_to_dec_proj", None) is not None:
             ref_states = model.enc_to_dec_proj(ref_states)
@@ -88,24 +66,48 @@ def validate_export(
         ref_first = model(pixel_values=expanded, decoder_input_ids=ids[:, :1]).logits[:, -1]
         ref_cached = model(pixel_values=expanded, decoder_input_ids=ids).logits[:, -1]
 
-    states = sessions["encoder"].run(None, {"pixel_values": pixel_values.numpy()})[0]
-    cross = sessions["cross_kv"].run(None, {"encoder_hidden_states": states})
-    garbage = [
-        c.numpy() for c in cache
-    ]  # random values everywhere: positions >= past must be ignored
-
-    first = _run_decoder(sessions["decoder"], cross, ids[:, :1].numpy(), 0, garbage)
-    prefill = _run_decoder(sessions["decoder"], cross, ids[:, :2].numpy(), 0, garbage)
-    filled = [c.copy() for c in garbage]
-    for i in range(2 * layers):
-        filled[i][:, :, 0:2] = prefill[1 + i]
-    cached = _run_decoder(sessions["decoder"], cross, ids[:, 2:].numpy(), 2, filled)
+    (states,) = executor.sessions["encoder"].run(None, {"pixel_values": pixel_values.numpy()})
+    encoded = executor.encode(pixel_values.numpy())
+    rows = batch * beams
+    pool = executor.new_pool(rows, batch, cache_len, encoded.enc_len)
+    rng = np.random.default_rng(1)  # garbage everywhere: positions past each row's must be masked
+    pool.cache[...] = rng.standard_normal(pool.cache.shape, dtype=np.float32)
+    order = list(range(batch))[::-1]  # images in slots out of order: the slot index is used
+    for index, slot in enumerate(order):
+        pool.put_image(slot, encoded.cross, encoded.mask, index)
+    pool.group_slots[:batch] = order
+    logits = []
+    for step in range(steps):
+        pool.input_ids[:rows, 0] = ids[:, step].numpy()
+        pool.past_lengths[:rows] = step
+        logits.append(executor.decode(pool, rows, batch).logits.copy())
 
     def diff(a, b) -> float:
         return float(np.abs(np.asarray(a) - b.numpy()).max())
 
     return Validation(
         encoder_max_abs_diff=diff(states, ref_states),
-        first_step_max_abs_diff=diff(first[0], ref_first),
-        cached_step_max_abs_diff=diff(cached[0], ref_cached),
+        first_step_max_abs_diff=diff(logits[0], ref_first),
+        cached_step_max_abs_diff=diff(logits[-1], ref_cached),
     )
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """Run the reference with eager attention whatever the model was loaded with: transformers
+    4.57's SDPA path ignores GPT2's `scale_attn_by_inverse_layer_idx` and `scale_attn_weights`."""
+    configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")]
+    saved = [getattr(c, "_attn_implementation", None) for c in configs]
+    for config in configs:
+        try:
+            config._attn_implementation = "eager"
+        except Exception:  # a config that refuses the switch keeps its own
+            pass
+    try:
+        yield
+    finally:
+        for config, value in zip(configs, saved, strict=True):
+            try:
+                config._attn_implementation = value
+            except Exception:
+                pass

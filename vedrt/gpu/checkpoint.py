@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..runtime.errors import InputError
-from ..runtime.manifest import Manifest
+from ..errors import InputError
+from ..manifest import Manifest
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 

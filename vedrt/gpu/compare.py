@@ -33,20 +33,17 @@ class Agreement:
 
 def first_step_logits(generator: Any, pixel_values: np.ndarray) -> np.ndarray:
     """The first decoder step's logits [batch, vocab] as float32 numpy, whatever the backend."""
-    executor = generator.executor
-    batch = pixel_values.shape[0]
-    start = generator.options().decoder_start_token_id
-    cross = executor.encode(pixel_values)
-    cache = executor.new_cache(batch, PROMPT_LEN)
-    prompt = np.full((batch, PROMPT_LEN), start, dtype=np.int64)
-    device = getattr(executor, "device", None)
-    if device is not None:  # a device executor takes torch tensors
-        import torch
-
-        with torch.no_grad():
-            ids = torch.from_numpy(prompt).to(device)
-            return executor.decode(ids, 0, cache, cross).logits.float().cpu().numpy()
-    return executor.decode(prompt, 0, cache, cross).logits
+    executor, ops = generator.executor, generator.executor.ops
+    encoded = executor.encode(pixel_values)
+    batch = encoded.batch
+    pool = executor.new_pool(batch, batch, PROMPT_LEN, encoded.enc_len)
+    for i in range(batch):
+        pool.put_image(i, encoded.cross, encoded.mask, i)
+    pool.input_ids[:batch, 0] = generator.options().decoder_start_token_id
+    pool.past_lengths[:batch] = 0
+    pool.group_slots[:batch] = ops.arange(batch)
+    logits = executor.decode(pool, batch, batch).logits
+    return ops.to_numpy(ops.astype(logits, ops.float32))
 
 
 def token_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

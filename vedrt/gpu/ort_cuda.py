@@ -13,9 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runtime.errors import InputError
-from ..runtime.manifest import Manifest
-from .executor import CachePool, DeviceCache, DeviceStep, to_device
+from ..errors import InputError
+from ..manifest import Manifest
+from ..runtime.executor import Encoded, StepOutput
+from ..runtime.pool import KVPool
+from .device import device_pool, finish_step, step_tensors, to_device
+from .ops import TorchOps
 
 _NP = {torch.float32: np.float32, torch.int64: np.int64}
 
@@ -49,15 +52,13 @@ class OrtCudaExecutor:
             )
             for name, path in manifest.graph_files.items()
         }
-        self._caches = CachePool(
-            self.layers, manifest.num_heads, manifest.head_dim, torch.float32, self.device
-        )
+        self.ops = TorchOps(self.device)
 
     def _bind(self, io: Any, name: str, tensor: torch.Tensor, output: bool = False) -> None:
         bind = io.bind_output if output else io.bind_input
         bind(name, "cuda", self.device_id, _NP[tensor.dtype], list(tensor.shape), tensor.data_ptr())
 
-    def encode(self, pixel_values: np.ndarray) -> list[torch.Tensor]:
+    def encode(self, pixel_values: np.ndarray) -> Encoded:
         m = self.m
         pixels = to_device(pixel_values, self.device, torch.float32)
         batch = pixels.shape[0]
@@ -72,55 +73,25 @@ class OrtCudaExecutor:
             for kv in ("key", "value")
         }
         self._run("cross_kv", {"encoder_hidden_states": states}, cross)
-        return list(cross.values())
+        mask = torch.ones((batch, m.enc_len), dtype=torch.int64, device=self.device)
+        return Encoded(list(cross.values()), mask)
 
     def _run(self, graph: str, inputs: dict, outputs: dict) -> None:
         session = self.sessions[graph]
         io = session.io_binding()
         for name, tensor in inputs.items():
-            if isinstance(tensor, np.ndarray):
-                io.bind_cpu_input(name, tensor)
-            else:
-                self._bind(io, name, tensor.contiguous())
+            self._bind(io, name, tensor.contiguous())
         for name, tensor in outputs.items():
             self._bind(io, name, tensor, output=True)
         session.run_with_iobinding(io)
 
-    def new_cache(self, batch_beams: int, cache_len: int) -> DeviceCache:
-        return self._caches.get(batch_beams, cache_len)
+    def new_pool(self, rows: int, slots: int, cache_len: int, enc_len: int) -> KVPool:
+        dims = (self.layers, self.m.num_heads, self.m.head_dim)
+        return device_pool(self.ops, dims, rows, slots, cache_len, enc_len, torch.float32)
 
     def decode(
-        self,
-        input_ids: torch.Tensor,
-        past_length: int,
-        cache: DeviceCache,
-        cross: list[torch.Tensor],
-        want_attentions: bool = False,
-    ) -> DeviceStep:
-        m = self.m
-        new_len = input_ids.shape[1]
-        cache.check_room(past_length, new_len)
-        n = cache.batch_beams
-        new_kv = torch.empty(
-            (self.layers, 2, n, m.num_heads, new_len, m.head_dim), device=self.device
-        )
-        attn = torch.empty((self.layers, n, m.num_heads, new_len, m.enc_len), device=self.device)
-        logits = torch.empty((n, m.vocab_size), device=self.device)
-        inputs: dict[str, Any] = {
-            "input_ids": input_ids.contiguous(),
-            "past_length": np.array(past_length, dtype=np.int64),
-        }
-        outputs = {"logits": logits}
-        views = cache.views()
-        for i in range(self.layers):
-            for j, kv in enumerate(("key", "value")):
-                inputs[f"self_{kv}.{i}"] = views[2 * i + j]
-                inputs[f"cross_{kv}.{i}"] = cross[2 * i + j]
-                outputs[f"new_{kv}.{i}"] = new_kv[i, j]
-            outputs[f"cross_attn.{i}"] = attn[i]
+        self, pool: KVPool, rows: int, groups: int, want_attentions: bool = False
+    ) -> StepOutput:
+        inputs, outputs = step_tensors(pool, rows, groups, self.m.vocab_size)
         self._run("decoder", inputs, outputs)
-        cache.write(new_kv, past_length)
-        return DeviceStep(logits, list(attn) if want_attentions else None)
-
-    def reorder(self, cache: DeviceCache, beam_idx: torch.Tensor, length: int) -> None:
-        cache.reorder(beam_idx)
+        return finish_step(pool, rows, outputs, want_attentions)

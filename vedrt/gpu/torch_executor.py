@@ -1,11 +1,11 @@
 """The torch executor: the exporter's own wrapper modules, run eagerly or replayed as CUDA graphs.
 
 It runs `EncoderGraph`, `CrossKV` and `DecoderStep` (vedrt.export.modules) over the checkpoint's
-weights, so it computes exactly what the ONNX graphs compute, on any torch device and dtype. The
-decoder step's shapes are fixed for a whole generation (the cache is preallocated for its full
-length, `past_length` is a tensor), so on CUDA one step, including the write of its new keys and
-values into the cache, is captured once per cache buffer as a `torch.cuda.CUDAGraph` and replayed
-every step: one launch instead of hundreds of small kernels.
+weights, so it computes exactly what the ONNX graphs compute, on any torch device and dtype. A
+decoder step's shapes are fixed while the engine's active rows do not change (the pool is
+preallocated, positions are a tensor), so on CUDA one step, including the write of its new keys
+and values into the pool, is captured once per pool buffer and row layout as a
+`torch.cuda.CUDAGraph` and replayed: one launch instead of hundreds of small kernels.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import numpy as np
 import torch
 
 from ..export.modules import CrossKV, DecoderStep, EncoderGraph, decoder_dims
-from .executor import CachePool, DeviceCache, DeviceStep, to_device
+from ..runtime.executor import Encoded, StepOutput
+from ..runtime.pool import KVPool
+from .device import device_pool, to_device
+from .ops import TorchOps
 
 
 class TorchExecutor:
@@ -33,6 +36,7 @@ class TorchExecutor:
     ):
         self.device = torch.device(device)
         self.dtype = dtype
+        self.ops = TorchOps(self.device)
         model = _placed(model, self.device, dtype, owned)
         self.encoder = EncoderGraph(model).eval()
         self.cross_kv = CrossKV(model).eval()
@@ -43,107 +47,76 @@ class TorchExecutor:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs device='cuda'")
         self.cuda_graphs = cuda_graphs
-        self._caches = CachePool(self.layers, self.heads, self.head_dim, dtype, self.device)
-        self._static_cross: dict[int, list[torch.Tensor]] = {}
-        self._graphs: dict[tuple, _StepGraph] = {}
-        self._pool = None
+        self._graph_pool = None
 
     @torch.no_grad()
-    def encode(self, pixel_values: np.ndarray) -> list[torch.Tensor]:
+    def encode(self, pixel_values: np.ndarray) -> Encoded:
         states = self.encoder(to_device(pixel_values, self.device, self.dtype))
         cross = list(self.cross_kv(states))
-        if not self.cuda_graphs:
-            return cross
-        # graphs read fixed addresses: copy into this batch size's static buffers
-        static = self._static_cross.get(len(pixel_values))
-        if static is None:
-            static = self._static_cross[len(pixel_values)] = [torch.empty_like(c) for c in cross]
-        for dst, src in zip(static, cross, strict=True):
-            dst.copy_(src)
-        return static
+        mask = torch.ones(states.shape[:2], dtype=torch.int64, device=self.device)
+        return Encoded(cross, mask)
 
-    def new_cache(self, batch_beams: int, cache_len: int) -> DeviceCache:
-        return self._caches.get(batch_beams, cache_len)
+    def new_pool(self, rows: int, slots: int, cache_len: int, enc_len: int) -> KVPool:
+        dims = (self.layers, self.heads, self.head_dim)
+        return device_pool(self.ops, dims, rows, slots, cache_len, enc_len, self.dtype)
 
     @torch.no_grad()
     def decode(
-        self,
-        input_ids: torch.Tensor,
-        past_length: int,
-        cache: DeviceCache,
-        cross: list[torch.Tensor],
-        want_attentions: bool = False,
-    ) -> DeviceStep:
-        cache.check_room(past_length, input_ids.shape[1])
+        self, pool: KVPool, rows: int, groups: int, want_attentions: bool = False
+    ) -> StepOutput:
         if not self.cuda_graphs:
-            past = torch.tensor(past_length, dtype=torch.int64, device=self.device)
-            logits, attn = self.step_and_write(input_ids, past, cache.data, cross)
+            logits, attn = self.step_and_write(pool, rows, groups)
         else:
-            logits, attn = self._graph(input_ids, cache, cross).replay(input_ids, past_length)
-        return DeviceStep(logits, list(attn) if want_attentions else None)
+            logits, attn = self._graph(pool, rows, groups).replay()
+        return StepOutput(logits, list(attn) if want_attentions else None)
 
-    def step_and_write(
-        self,
-        input_ids: torch.Tensor,
-        past: torch.Tensor,
-        data: torch.Tensor,
-        cross: list[torch.Tensor],
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """One step, then its keys/values written at `past` (a device scalar, so capturable)."""
-        views = [data[i, j] for i in range(self.layers) for j in range(2)]
-        out = self.step(input_ids, past, views, cross)
+    def step_and_write(self, pool: KVPool, rows: int, groups: int):
+        """One step over the pool's first rows, then its new K/V written at each row's
+        position (device tensors only, so the whole of it can be captured)."""
+        views = [pool.cache[i, j, :rows] for i in range(self.layers) for j in range(2)]
+        cross = [pool.cross[j] for j in range(2 * self.layers)]
+        out = self.step(
+            pool.input_ids[:rows],
+            pool.past_lengths[:rows],
+            views,
+            cross,
+            pool.group_slots[:groups],
+            pool.encoder_mask,
+        )
         n = 2 * self.layers
-        new = torch.stack(out[1 : 1 + n]).unflatten(0, (self.layers, 2))
-        positions = past + torch.arange(input_ids.shape[1], device=self.device)
-        data.index_copy_(4, positions, new)
+        pool.write_new(list(out[1 : 1 + n]), rows)
         return out[0], out[1 + n :]
 
-    def _graph(self, input_ids: torch.Tensor, cache: DeviceCache, cross) -> _StepGraph:
-        """The captured step for this cache buffer (two per cache: ping-pong), built once."""
-        key = (cache.data.data_ptr(), tuple(input_ids.shape), cross[0].data_ptr())
-        graph = self._graphs.get(key)
+    def _graph(self, pool: KVPool, rows: int, groups: int) -> _StepGraph:
+        """The captured step for this pool buffer and row layout, built once."""
+        key = ("cuda_graph", pool.version, rows, groups)
+        graph = pool.bindings.get(key)
         if graph is None:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = _StepGraph(self, input_ids, cache.data, cross, self._pool)
-            self._graphs[key] = graph
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = pool.bindings[key] = _StepGraph(self, pool, rows, groups, self._graph_pool)
         return graph
-
-    def reorder(self, cache: DeviceCache, beam_idx: torch.Tensor, length: int) -> None:
-        cache.reorder(beam_idx)
-
-    def release_graphs(self) -> None:
-        """Drop captured graphs and pooled buffers; the next generation allocates and recaptures."""
-        self._graphs.clear()
-        self._caches.clear()
-        self._static_cross.clear()
 
 
 class _StepGraph:
-    """One captured decoder step over fixed input, cache, cross K/V and output buffers."""
+    """One captured decoder step over the pool's fixed buffers."""
 
-    def __init__(self, executor: TorchExecutor, input_ids, data, cross, pool):
-        self.ids = input_ids.clone()
-        self.past = torch.zeros((), dtype=torch.int64, device=input_ids.device)
-        self.data = data  # held so the captured addresses stay valid
-
+    def __init__(self, executor: TorchExecutor, pool: KVPool, rows: int, groups: int, handle):
         def run():
-            return executor.step_and_write(self.ids, self.past, data, cross)
+            return executor.step_and_write(pool, rows, groups)
 
-        # warm up on a side stream (allocator and cuBLAS state), as capture requires; the step is
-        # idempotent for fixed inputs (it writes position `past`, it reads only positions below)
+        # warm up on a side stream (allocator and cuBLAS state), as capture requires; the step
+        # only writes each row's position `past_lengths[row]` and reads positions below it
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             run()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=handle):
             self.logits, self.attn = run()
 
-    def replay(self, input_ids: torch.Tensor, past_length: int):
-        self.ids.copy_(input_ids)
-        self.past.fill_(past_length)
+    def replay(self):
         self.graph.replay()
         return self.logits, self.attn
 

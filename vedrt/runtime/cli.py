@@ -123,7 +123,7 @@ def caption_and_explain(
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UsageError
+    from ..errors import UsageError
     from .errors import InputError
     from .generator import load
     from .preprocess import load_image

@@ -1,93 +1,89 @@
-"""The engine: many requests stepped together (interface first; see issue #10).
+"""The engine: requests stepped together over a pool of decoder rows (continuous batching).
 
     engine = gen.engine(max_rows=32)
-    handle = engine.submit(pixel_values, num_beams=4)   # thread-safe
+    handle = engine.submit(pixel_values, num_beams=4)   # thread-safe; waits first in, first out
     engine.step()                                        # or engine.start() for a background loop
-    handle.result(timeout=None)                          # what gen.generate(...) returns
+    handle.result(timeout=None)                          # exactly what gen.generate(...) returns
 
-This first version runs each admitted request's whole generation inside one `step()`; the
-continuous-batching implementation replaces the body of `step()` without changing the interface.
+Every `step()` admits the waiting requests that fit (their images through the encoder and cross
+K/V, once, into free image slots), runs ONE decoder step over the active rows of all requests,
+each row at its own position, then lets each request's search (`search.py`) advance on its own
+rows: processors, top-k, beam bookkeeping, and the reorder of its own cache rows. Requests that
+finish leave at once; their rows and slots go to the next ones. `Generator.generate()` is this
+engine with one request, so the parity tests against transformers test it.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from typing import Any
 
+import numpy as np
+
 from .errors import InputError
+from .handle import EngineStopped, Handle
+from .options import PROMPT_LEN, GenerationOptions
+from .search import new_search, rows_needed
+
+__all__ = ["Engine", "EngineStopped", "Handle"]
 
 
-class EngineStopped(RuntimeError):
-    """The engine stopped before the request ran (stop(drain=False), or submit after stop)."""
+class _Active:
+    """A request admitted to the pool: its search, its rows and its image slots."""
 
-
-class Handle:
-    """One submitted request, `concurrent.futures.Future`-style."""
-
-    def __init__(self, pixel_values: Any, options: dict[str, Any], rows: int):
-        self.pixel_values = pixel_values
-        self.options = options
-        self.rows = rows
-        self._event = threading.Event()
-        self._result: Any = None
-        self._error: BaseException | None = None
-        self.cancelled = False
-
-    def done(self) -> bool:
-        return self._event.is_set()
-
-    def result(self, timeout: float | None = None) -> Any:
-        if not self._event.wait(timeout):
-            raise TimeoutError("the request did not finish in time")
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self._event.wait(timeout):
-            raise TimeoutError("the request did not finish in time")
-        return self._error
-
-    def cancel(self) -> bool:
-        """Ask the engine to drop the request (frees its rows at the next step)."""
-        if self.done():
-            return False
-        self.cancelled = True
-        return True
-
-    def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
-        self._result, self._error = result, error
-        self._event.set()
+    def __init__(self, handle: Handle, search: Any, offset: int, slots: list[int]):
+        self.handle = handle
+        self.search = search
+        self.offset = offset
+        self.rows = search.rows
+        self.slots = slots
 
 
 class Engine:
     """A pool of `max_rows` decoder rows that requests join and leave at step boundaries."""
 
-    def __init__(self, generator: Any, max_rows: int = 32):
+    def __init__(self, generator: Any, max_rows: int = 32, cache_len: int | None = None):
         if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
             raise InputError(f"max_rows must be a positive integer, got {max_rows!r}")
         self.gen = generator
+        self.executor = generator.executor
+        self.ops = self.executor.ops
         self.max_rows = max_rows
+        self._cache_len = cache_len
+        self.pool: Any = None
+        self._active: list[_Active] = []
+        self._slot_used: list[bool] = []
+        self._groups = 0  # group layout of the active rows (0: to be rebuilt)
         self._waiting: deque[Handle] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._step_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._drain = True
         self._closed = False
+        self.stats = {"steps": 0, "rows_last_step": 0, "tokens": 0, "finished": 0}
 
     # -- requests -------------------------------------------------------------------------
     def submit(self, pixel_values: Any, **options: Any) -> Handle:
+        """Queue one request; the options are `generate()`'s, checked here (InputError)."""
         o = self.gen.options(**options)
-        pixel_values = self.gen.check_pixel_values(pixel_values)
-        per_image = max(o.num_beams, o.num_return_sequences)
-        rows = pixel_values.shape[0] * per_image
+        return self.submit_resolved(self.gen.check_pixel_values(pixel_values), o)
+
+    def submit_resolved(self, pixel_values: Any, o: GenerationOptions) -> Handle:
+        batch = int(pixel_values.shape[0])
+        rows = rows_needed(o, batch)
         if rows > self.max_rows:
             raise InputError(
-                f"the request needs {rows} decoder rows ({pixel_values.shape[0]} images x "
-                f"{per_image}), more than this engine's max_rows={self.max_rows}"
+                f"the request needs {rows} decoder rows ({batch} image(s) x {rows // batch}), "
+                f"more than this engine's max_rows={self.max_rows}"
             )
-        handle = Handle(pixel_values, options, rows)
+        check = getattr(self.executor, "check_limits", None)
+        if check is not None:  # engines built for bounded shapes say so before anything runs
+            check(batch, o.num_beams, o.max_new)
+        handle = Handle(pixel_values, o, rows)
         with self._wake:
             if self._closed:
                 raise EngineStopped("the engine is stopped and accepts no new requests")
@@ -97,64 +93,247 @@ class Engine:
 
     @property
     def pending(self) -> int:
+        """Requests waiting for rows."""
         with self._lock:
             return len(self._waiting)
 
     @property
     def active_rows(self) -> int:
-        return 0
+        return sum(a.rows for a in self._active)
 
-    def step(self) -> list[Handle]:
-        """Admit what fits and advance every active request by one step; returns the finished."""
-        with self._lock:
-            handle = self._waiting.popleft() if self._waiting else None
-        if handle is None:
-            return []
-        if handle.cancelled:
-            handle._finish(error=EngineStopped("cancelled"))
-            return [handle]
-        try:
-            handle._finish(self.gen.generate(handle.pixel_values, **handle.options))
-        except Exception as exc:  # one request's failure is its own
-            handle._finish(error=exc)
-        return [handle]
+    @property
+    def active_requests(self) -> int:
+        return len(self._active)
 
     def idle(self) -> bool:
         with self._lock:
-            return not self._waiting
+            return not self._waiting and not self._active
+
+    # -- one step -------------------------------------------------------------------------
+    def step(self) -> list[Handle]:
+        """Admit what fits, run one decoder step over every active row, advance each request's
+        search; returns the requests that finished on this step (their rows freed)."""
+        with self._step_lock:
+            finished = self._drop_cancelled()
+            self._admit()
+            if not self._active:
+                return finished
+            try:
+                out = self._decode()
+            except Exception as exc:  # the step failed for every row in it
+                for a in self._active:
+                    a.handle._finish(error=exc)
+                finished += [a.handle for a in self._active]
+                self._release([*self._active])
+                return finished
+            done = [a for a in self._active if self._advance(a, out)]
+            self._release(done)
+            return finished + [a.handle for a in done]
+
+    def _drop_cancelled(self) -> list[Handle]:
+        gone = [a for a in self._active if a.handle.cancelled]
+        for a in gone:
+            a.handle._finish(error=EngineStopped("the request was cancelled"))
+        self._release(gone)
+        return [a.handle for a in gone]
+
+    def _take_admissible(self) -> list[Handle]:
+        """Waiting requests that fit in the free rows, first in, first out (no overtaking)."""
+        free = self.max_rows - self.active_rows
+        taken = []
+        with self._lock:
+            while self._waiting:
+                head = self._waiting[0]
+                if head.cancelled:
+                    self._waiting.popleft()._finish(
+                        error=EngineStopped("the request was cancelled")
+                    )
+                    continue
+                if head.rows > free:
+                    break
+                taken.append(self._waiting.popleft())
+                free -= head.rows
+        return taken
+
+    def _admit(self) -> None:
+        taken = self._take_admissible()
+        if not taken:
+            return
+        ops = self.ops
+        try:
+            pixels = taken[0].pixel_values
+            if len(taken) > 1:  # one encoder batch for everything admitted together
+                pixels = np.concatenate([h.pixel_values for h in taken])
+            encoded = self.executor.encode(pixels)
+        except Exception as exc:  # these requests' images could not be encoded
+            for h in taken:
+                h._finish(error=exc)
+            return
+        self._ensure_pool(taken, encoded)
+        index = 0
+        for handle in taken:
+            o, batch = handle.options, int(handle.pixel_values.shape[0])
+            search = new_search(ops, o, batch)
+            slots = self._claim_slots(batch)
+            for slot in slots:
+                self.pool.put_image(slot, encoded.cross, encoded.mask, index)
+                index += 1
+            offset = self.active_rows
+            end = offset + search.rows
+            self.pool.input_ids[offset:end, 0] = search.first_tokens()
+            self.pool.past_lengths[offset:end] = 0
+            self._active.append(_Active(handle, search, offset, slots))
+            handle.admitted()
+        self._groups = 0
+
+    def _ensure_pool(self, taken: list[Handle], encoded: Any) -> None:
+        lengths = [a.handle.options.max_length for a in self._active]
+        lengths += [h.options.max_length for h in taken]
+        cache_len = max(lengths) - PROMPT_LEN
+        if self._cache_len is not None:
+            cache_len = max(cache_len, self._cache_len)
+        slots = sum(self._slot_used) + encoded.batch
+        if self.pool is None:
+            self.pool = self.executor.new_pool(self.max_rows, slots, cache_len, encoded.enc_len)
+        else:
+            self.pool.ensure(cache_len, slots, encoded.enc_len, self.active_rows)
+        self._slot_used += [False] * (self.pool.slots - len(self._slot_used))
+
+    def _claim_slots(self, count: int) -> list[int]:
+        slots = [i for i, used in enumerate(self._slot_used) if not used][:count]
+        for i in slots:
+            self._slot_used[i] = True
+        return slots
+
+    def _layout_groups(self) -> int:
+        """Rows in equal groups, each reading one image slot: as large as every request allows
+        (all beam-4 requests: groups of 4 rows, each image's K/V read once per step)."""
+        size = 0
+        for a in self._active:
+            size = math.gcd(size, a.search.rows_per_image)
+        slots = []
+        for a in self._active:
+            for slot in a.slots:
+                slots += [slot] * (a.search.rows_per_image // size)
+        self.pool.group_slots[: len(slots)] = self.ops.asarray(slots, self.ops.int64)
+        return len(slots)
+
+    def _decode(self) -> Any:
+        if not self._groups:
+            self._groups = self._layout_groups()
+        rows = self.active_rows
+        want = any(a.search.collect.want_attentions for a in self._active)
+        out = self.executor.decode(self.pool, rows, self._groups, want)
+        self.stats["steps"] += 1
+        self.stats["rows_last_step"] = rows
+        return out
+
+    def _advance(self, a: _Active, out: Any) -> bool:
+        """One search step for request `a` on its rows; True when it finished."""
+        start, end = a.offset, a.offset + a.rows
+        attn = [x[start:end] for x in out.cross_attn] if out.cross_attn is not None else None
+        try:
+            advance = a.search.step(out.logits[start:end], attn)
+        except Exception as exc:  # one request's failure is its own
+            a.handle._finish(error=exc)
+            return True
+        pool = self.pool
+        pool.past_lengths[start:end] += 1
+        self.stats["tokens"] += a.rows
+        if advance.done:
+            result = a.search.result()
+            a.handle._finish(result if a.handle.options.return_dict else result.sequences)
+            self.stats["finished"] += 1
+            return True
+        if advance.source_rows is not None:
+            self._reorder(a, advance.source_rows)
+        pool.input_ids[start:end, 0] = advance.tokens
+        return False
+
+    def _reorder(self, a: _Active, source: Any) -> None:
+        """Beam search moved rows: copy only the rows that changed, within the request's range."""
+        ops = self.ops
+        source = np.asarray(ops.to_numpy(source))
+        target = np.flatnonzero(source != np.arange(a.rows))
+        if not len(target):
+            return
+        length = self._filled(a)
+        self.pool.copy_rows(
+            ops.asarray(source[target] + a.offset, ops.int64),
+            ops.asarray(target + a.offset, ops.int64),
+            length,
+        )
+
+    def _filled(self, a: _Active) -> int:
+        """How many cache positions the request's rows hold (the same for all of them)."""
+        return int(self.ops.to_numpy(self.pool.past_lengths[a.offset : a.offset + 1])[0])
+
+    def _release(self, gone: list[_Active]) -> None:
+        """Free the rows and slots of finished requests; pack the rest to the front."""
+        if not gone:
+            return
+        for a in gone:
+            for slot in a.slots:
+                self._slot_used[slot] = False
+        keep = [a for a in self._active if a not in gone]
+        offset, pool = 0, self.pool
+        for a in keep:
+            if a.offset != offset:
+                end = a.offset + a.rows
+                pool.move_rows(a.offset, a.rows, offset, self._filled(a))
+                ids, lengths = pool.input_ids[a.offset : end], pool.past_lengths[a.offset : end]
+                pool.input_ids[offset : offset + a.rows] = self.ops.copy(ids)
+                pool.past_lengths[offset : offset + a.rows] = self.ops.copy(lengths)
+                a.offset = offset
+            offset += a.rows
+        self._active = keep
+        self._groups = 0
 
     # -- background loop ------------------------------------------------------------------
     def start(self) -> Engine:
-        if self._thread is None:
-            self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="vedrt-engine", daemon=True)
-            self._thread.start()
+        """Run `step()` on a background thread until `stop()`; returns the engine."""
+        with self._lock:
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name="vedrt-engine", daemon=True)
+                self._thread.start()
         return self
 
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._stopping:
-                    self._wake.wait(0.1)
-                if self._stopping and (not self._waiting or not self._drain):
+                while not self._waiting and not self._active and not self._stopping:
+                    self._wake.wait(0.5)
+                if self._stopping and (not self._drain or (not self._waiting and not self._active)):
                     break
             self.step()
+        self._abandon()
+
+    def _abandon(self) -> None:
         with self._lock:
             left = list(self._waiting)
             self._waiting.clear()
+        with self._step_lock:
+            left += [a.handle for a in self._active]
+            self._release([*self._active])
         for handle in left:
-            handle._finish(error=EngineStopped("the engine stopped before this request ran"))
+            handle._finish(error=EngineStopped("the engine stopped before this request finished"))
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop accepting requests; with drain, finish every accepted one first."""
+        """Stop accepting requests; with `drain`, finish every accepted one first, else fail
+        them with `EngineStopped`."""
         with self._wake:
             self._closed = True
             self._stopping = True
             self._drain = drain
             self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if not thread.is_alive():
+                self._thread = None
         elif drain:
             while not self.idle():
                 self.step()
+        else:
+            self._abandon()

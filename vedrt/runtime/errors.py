@@ -1,7 +1,7 @@
-"""The one exception type for bad input, so callers (the CLI) can report it as a single line."""
+"""The runtime's error type (`vedrt.errors.InputError`), kept importable from here."""
 
 from __future__ import annotations
 
+from ..errors import InputError, VedrtError
 
-class InputError(ValueError):
-    """Bad user input: an image, pixel values, options, or an export directory that cannot be used."""
+__all__ = ["InputError", "VedrtError"]

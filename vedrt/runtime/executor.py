@@ -1,11 +1,11 @@
-"""What executes the three graphs, apart from the search that drives them.
+"""What executes the three graphs, apart from the search and the engine that drive them.
 
-The search loop (`search.py`) only sees the `Executor` interface: encode images once, allocate a
-self-attention cache, run one decoder step, reorder the cache rows after a beam step. Where the
-tensors live is the executor's business, so GPU executors (TensorRT, torch CUDA) plug in by
-implementing the same four methods. `OrtExecutor` runs the export directory on ONNX Runtime with
-numpy buffers bound through IO binding: the cache is allocated once per generation for the
-maximum length, written by position, and never reallocated.
+One protocol for every backend: encode images once (`encode`), allocate the engine's pool of
+cache rows and image slots in the executor's memory (`new_pool`, a `KVPool` over the executor's
+`ops`), and run one decoder step over the pool's first `rows` rows (`decode`), writing each row's
+new keys/values at its own position. Where the tensors live is the executor's business:
+`OrtExecutor` runs the export directory on ONNX Runtime with numpy buffers bound through IO
+binding (the pool is read in place); `vedrt.gpu` and `vedrt.tensorrt` provide torch executors.
 """
 
 from __future__ import annotations
@@ -15,66 +15,63 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..manifest import Manifest
 from .errors import InputError
-from .manifest import Manifest
+from .ops import NUMPY
+from .pool import KVPool
+
+
+@dataclass
+class Encoded:
+    """A batch of images after the encoder and cross_kv graphs, in the executor's memory."""
+
+    cross: list[Any]  # 2 * layers arrays [batch, heads, enc_len, head_dim]: k0, v0, k1, ...
+    mask: Any  # [batch, enc_len] int64: which encoder positions are real (all 1 for images)
+
+    @property
+    def batch(self) -> int:
+        return int(self.cross[0].shape[0])
+
+    @property
+    def enc_len(self) -> int:
+        return int(self.cross[0].shape[2])
 
 
 @dataclass
 class StepOutput:
-    """One decoder step's results, as numpy arrays the caller may keep."""
+    """One decoder step's results for the pool's first rows; valid until the next step."""
 
-    logits: np.ndarray  # [batch_beams, vocab] float32, last position of the step
-    cross_attn: list[np.ndarray] | None  # per layer [batch_beams, heads, new_len, enc_len]
+    logits: Any  # [rows, vocab], last position of the step
+    cross_attn: list[Any] | None  # per layer [rows, heads, 1, enc_len], when asked for
 
 
 class Executor(Protocol):
-    """The graph runner the search loop drives."""
+    """The graph runner the engine drives; see the module docstring."""
 
-    def encode(self, pixel_values: np.ndarray) -> Any:
-        """Run the encoder and cross_kv graphs once per image; returns an opaque handle."""
+    ops: Any  # the array operations of this executor's memory (`NumpyOps`, `TorchOps`)
 
-    def new_cache(self, batch_beams: int, cache_len: int) -> Any:
-        """A self-attention cache for `cache_len` positions (allocated once per generation)."""
+    def encode(self, pixel_values: np.ndarray) -> Encoded:
+        """Run the encoder and cross_kv graphs once per image."""
+
+    def new_pool(self, rows: int, slots: int, cache_len: int, enc_len: int) -> KVPool:
+        """The engine's cache rows and image slots, in this executor's memory."""
 
     def decode(
-        self,
-        input_ids: np.ndarray,
-        past_length: int,
-        cache: Any,
-        cross: Any,
-        want_attentions: bool = False,
+        self, pool: KVPool, rows: int, groups: int, want_attentions: bool = False
     ) -> StepOutput:
-        """Run one step and write its new keys/values into `cache` at `past_length`."""
-
-    def reorder(self, cache: Any, beam_idx: np.ndarray, length: int) -> None:
-        """Gather the cache rows (`cache[beam_idx]`) of the first `length` positions."""
-
-
-class OrtCache:
-    """Both K and V of every layer in one array, so a beam reorder is one gather.
-
-    Layout `[layers, 2, batch_beams, heads, cache_len, head_dim]`: each `[layer, k/v]` slice is
-    contiguous and is what the decoder graph's `self_key.i`/`self_value.i` input reads in place.
-    A second array of the same shape receives reorders; the two swap roles.
-    """
-
-    def __init__(self, layers: int, batch_beams: int, heads: int, cache_len: int, head_dim: int):
-        shape = (layers, 2, batch_beams, heads, cache_len, head_dim)
-        self.data = np.zeros(shape, dtype=np.float32)
-        self.spare = np.zeros(shape, dtype=np.float32)
-        self.batch_beams = batch_beams
-        self.cache_len = cache_len
-        # IO bindings by (id of the array they read, new_len): at most two arrays, so at most a
-        # few bindings per generation, each built once
-        self.bindings: dict[tuple[int, int], tuple[Any, dict[str, np.ndarray]]] = {}
+        """One step over rows [0, rows) of `pool` (inputs already in its step buffers; rows in
+        `groups` equal groups reading `pool.group_slots[:groups]`), new K/V written in place."""
 
 
 class OrtExecutor:
-    """Runs encoder.onnx, cross_kv.onnx and decoder.onnx with ONNX Runtime."""
+    """Runs encoder.onnx, cross_kv.onnx and decoder.onnx with ONNX Runtime on numpy buffers."""
+
+    ops = NUMPY
 
     def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None):
         self.m = manifest
         self.layers = manifest.num_layers
+        self.device = device
         self.sessions = {
             name: _session(path, device, threads) for name, path in manifest.graph_files.items()
         }
@@ -83,7 +80,7 @@ class OrtExecutor:
     def _check_decoder_io(self) -> None:
         session = self.sessions["decoder"]
         have = {i.name for i in session.get_inputs()} | {o.name for o in session.get_outputs()}
-        need = {"input_ids", "past_length", "logits"}
+        need = {"input_ids", "past_lengths", "group_slots", "encoder_mask", "logits"}
         for i in range(self.layers):
             need |= {
                 f"self_key.{i}",
@@ -97,81 +94,70 @@ class OrtExecutor:
         missing = sorted(need - have)
         if missing:
             raise InputError(
-                f"{self.m.graph_files['decoder']}: not a vedrt decoder graph (lacks {', '.join(missing[:4])})"
+                f"{self.m.graph_files['decoder']}: not a decoder graph of this vedrt version "
+                f"(lacks {', '.join(missing[:4])}); re-export the model with `vedrt export`"
             )
 
-    def encode(self, pixel_values: np.ndarray) -> list[Any]:
-        import onnxruntime as ort
-
+    def encode(self, pixel_values: np.ndarray) -> Encoded:
         (states,) = self.sessions["encoder"].run(
             ["encoder_hidden_states"], {"pixel_values": pixel_values}
         )
         names = [f"cross_{kv}.{i}" for i in range(self.layers) for kv in ("key", "value")]
         arrays = self.sessions["cross_kv"].run(names, {"encoder_hidden_states": states})
-        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        mask = np.ones(states.shape[:2], dtype=np.int64)
+        return Encoded(arrays, mask)
 
-    def new_cache(self, batch_beams: int, cache_len: int) -> OrtCache:
-        return OrtCache(self.layers, batch_beams, self.m.num_heads, cache_len, self.m.head_dim)
+    def new_pool(self, rows: int, slots: int, cache_len: int, enc_len: int) -> KVPool:
+        dims = (self.layers, self.m.num_heads, self.m.head_dim)
+        return KVPool(self.ops, dims, rows, slots, cache_len, enc_len, np.float32)
 
-    def _bind(self, cache: OrtCache, cross: list[Any], new_len: int):
-        """Bind the cache, cross K/V and preallocated outputs (once per cache array and new_len)."""
+    def _bind(self, pool: KVPool, rows: int, groups: int):
+        """Bind the pool's buffers and preallocated outputs (once per pool version and sizes)."""
         import onnxruntime as ort
 
+        def value(array: np.ndarray):
+            assert array.flags.c_contiguous  # bound by address: read in place, never copied
+            return ort.OrtValue.ortvalue_from_numpy(array)
+
         io = self.sessions["decoder"].io_binding()
+        io.bind_ortvalue_input("input_ids", value(pool.input_ids[:rows]))
+        io.bind_ortvalue_input("past_lengths", value(pool.past_lengths[:rows]))
+        io.bind_ortvalue_input("group_slots", value(pool.group_slots[:groups]))
+        io.bind_ortvalue_input("encoder_mask", value(pool.encoder_mask))
         for i in range(self.layers):
             for j, kv in enumerate(("key", "value")):
-                io.bind_ortvalue_input(
-                    f"self_{kv}.{i}", ort.OrtValue.ortvalue_from_numpy(cache.data[i, j])
-                )
-                io.bind_ortvalue_input(f"cross_{kv}.{i}", cross[2 * i + j])
-        bb, h, d = cache.batch_beams, self.m.num_heads, self.m.head_dim
-        outputs = {"logits": np.empty((bb, self.m.vocab_size), np.float32)}
+                io.bind_ortvalue_input(f"self_{kv}.{i}", value(pool.cache[i, j, :rows]))
+                io.bind_ortvalue_input(f"cross_{kv}.{i}", value(pool.cross[2 * i + j]))
+        h, d = self.m.num_heads, self.m.head_dim
+        outputs = {"logits": np.empty((rows, self.m.vocab_size), np.float32)}
         for i in range(self.layers):
-            outputs[f"new_key.{i}"] = np.empty((bb, h, new_len, d), np.float32)
-            outputs[f"new_value.{i}"] = np.empty((bb, h, new_len, d), np.float32)
-            outputs[f"cross_attn.{i}"] = np.empty((bb, h, new_len, self.m.enc_len), np.float32)
+            outputs[f"new_key.{i}"] = np.empty((rows, h, 1, d), np.float32)
+            outputs[f"new_value.{i}"] = np.empty((rows, h, 1, d), np.float32)
+            outputs[f"cross_attn.{i}"] = np.empty((rows, h, 1, pool.enc_len), np.float32)
         for name, array in outputs.items():
             io.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
-        cache.bindings[(id(cache.data), new_len)] = (io, outputs)
+        if len(pool.bindings) > 16:  # bindings of sizes met long ago
+            pool.bindings.clear()
+        pool.bindings[(pool.version, rows, groups)] = (io, outputs)
         return io, outputs
 
     def decode(
-        self,
-        input_ids: np.ndarray,
-        past_length: int,
-        cache: OrtCache,
-        cross: list[Any],
-        want_attentions: bool = False,
+        self, pool: KVPool, rows: int, groups: int, want_attentions: bool = False
     ) -> StepOutput:
-        new_len = input_ids.shape[1]
-        if past_length + new_len > cache.cache_len:
-            raise ValueError(
-                f"cache of {cache.cache_len} positions cannot hold {past_length + new_len}"
-            )
-        bound = cache.bindings.get((id(cache.data), new_len))
-        io, outputs = bound if bound is not None else self._bind(cache, cross, new_len)
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        io.bind_cpu_input("past_length", np.array(past_length, dtype=np.int64))
+        bound = pool.bindings.get((pool.version, rows, groups))
+        io, outputs = bound if bound is not None else self._bind(pool, rows, groups)
         self.sessions["decoder"].run_with_iobinding(io)
-        end = past_length + new_len
-        for i in range(self.layers):
-            cache.data[i, 0, :, :, past_length:end] = outputs[f"new_key.{i}"]
-            cache.data[i, 1, :, :, past_length:end] = outputs[f"new_value.{i}"]
-        attn = (
-            [outputs[f"cross_attn.{i}"].copy() for i in range(self.layers)]
-            if want_attentions
-            else None
-        )
-        return StepOutput(outputs["logits"].copy(), attn)
+        new_kv = [outputs[f"new_{kv}.{i}"] for i in range(self.layers) for kv in ("key", "value")]
+        pool.write_new(new_kv, rows)
+        attn = [outputs[f"cross_attn.{i}"] for i in range(self.layers)] if want_attentions else None
+        return StepOutput(outputs["logits"], attn)
 
-    def reorder(self, cache: OrtCache, beam_idx: np.ndarray, length: int) -> None:
-        if np.array_equal(beam_idx, np.arange(cache.batch_beams)):
-            return
-        # One slice copy per row: np.take into a strided `[..., :length, :]` view runs ~7x slower
-        # (2.5 ms a step for GPT2-small at beam 4, as much as a quarter of an int8 step).
-        for row, source in enumerate(np.clip(beam_idx, 0, cache.batch_beams - 1).tolist()):
-            cache.spare[:, :, row, :, :length] = cache.data[:, :, source, :, :length]
-        cache.data, cache.spare = cache.spare, cache.data
+
+def ort_executor(manifest: Manifest, device: str = "cpu", threads: int | None = None, **options):
+    """The registry's factory for ONNX Runtime on the CPU (see `loader.py`)."""
+    if options:
+        raise TypeError(f"load() got unexpected keyword arguments {sorted(options)}")
+    return OrtExecutor(manifest, device=device, threads=threads)
 
 
 def _session(path, device: str, threads: int | None):

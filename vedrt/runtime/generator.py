@@ -12,15 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from ..manifest import Manifest
 from . import options as opts
 from . import search
+from .engine import Engine
 from .errors import InputError
-from .executor import Executor, OrtExecutor
-from .manifest import Manifest, read_manifest
+from .executor import Executor
+from .options import PROMPT_LEN
 from .search import GenerateOutput
-
-BACKENDS = ("onnxruntime",)
-GPU_BACKENDS = ("torch", "tensorrt")  # vedrt.gpu, with onnxruntime on device="cuda"
 
 
 class Generator:
@@ -46,18 +45,16 @@ class Generator:
         """
         o = self.options(**options)
         pixel_values = self.check_pixel_values(pixel_values)
-        batch = pixel_values.shape[0]
-        cross = search.encode(self.executor, pixel_values)
-        if o.num_beams > 1:
-            out = search.beam_search(self.executor, cross, batch, o)
-        else:
-            out = search.greedy_or_sample(self.executor, cross, batch, o)
-        return out if o.return_dict else out.sequences
+        rows = search.rows_needed(o, pixel_values.shape[0])
+        engine = Engine(self, max_rows=rows, cache_len=o.max_length - PROMPT_LEN)
+        handle = engine.submit_resolved(pixel_values, o)
+        while not handle.done():
+            engine.step()
+        return handle.result()
 
-    def engine(self, max_rows: int = 32):
-        """An engine over this generator: many requests stepped together (`vedrt.runtime.engine`)."""
-        from .engine import Engine
-
+    def engine(self, max_rows: int = 32) -> Engine:
+        """An engine over this generator: requests stepped together at every decoder step
+        (continuous batching); see `vedrt.runtime.engine`."""
         return Engine(self, max_rows=max_rows)
 
     def check_pixel_values(self, pixel_values: Any) -> np.ndarray:
@@ -119,32 +116,3 @@ class Generator:
             return []
         options = {**options, "return_dict": False}
         return self.decode(self.generate(self.preprocess(images), **options))
-
-
-def load(
-    path: str | Path,
-    *,
-    backend: str = "onnxruntime",
-    device: str = "cpu",
-    threads: int | None = None,
-    **gpu_options: Any,
-) -> Generator:
-    """Load an export directory once; `threads` sets ONNX Runtime's intra-op threads.
-
-    Any other backend or device (torch, tensorrt, onnxruntime on cuda) is `vedrt.gpu`'s, imported
-    only then; `gpu_options` (precision, checkpoint, cuda_graphs) are passed to `vedrt.gpu.load`.
-    """
-    if backend not in BACKENDS + GPU_BACKENDS:
-        raise InputError(
-            f"unknown backend {backend!r} (available: {', '.join(BACKENDS + GPU_BACKENDS)})"
-        )
-    if threads is not None and (not isinstance(threads, int) or threads < 0):
-        raise InputError(f"threads must be a non-negative integer, got {threads!r}")
-    if backend in GPU_BACKENDS or device != "cpu":
-        from ..gpu import load as load_gpu
-
-        return load_gpu(path, backend=backend, device=device, threads=threads, **gpu_options)
-    if gpu_options:
-        raise TypeError(f"load() got unexpected keyword arguments {sorted(gpu_options)}")
-    manifest = read_manifest(path)
-    return Generator(manifest, OrtExecutor(manifest, device=device, threads=threads))

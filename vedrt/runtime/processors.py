@@ -1,30 +1,30 @@
-"""transformers' logits processors, in numpy, in the order `_get_logits_processor` applies them.
+"""transformers' logits processors, in the order `_get_logits_processor` applies them.
 
 Each processor is `(ids [rows, cur_len] int64, scores [rows, vocab] float32) -> scores` and
 reproduces the transformers 4.57 class named in its docstring, float32 arithmetic included, so
-that the chosen tokens are the same. They may modify `scores` in place.
+that the chosen tokens are the same. They may modify `scores` in place. They are written once over
+the array operations of `ops.py`, so the numpy runtime and the torch device loop apply the very
+same processors in the same order.
 """
 
 from __future__ import annotations
 
-import sys
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import numpy as np
-
 from .options import GenerationOptions
 
-Processor = Callable[[np.ndarray, np.ndarray], np.ndarray]
-NEG_INF = np.float32(-np.inf)
+Processor = Callable[[Any, Any], Any]
+NEG_INF = -math.inf
 
 
-def repetition_penalty(penalty: float, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def repetition_penalty(ops, penalty: float, ids, scores):
     """RepetitionPenaltyLogitsProcessor: shrink the scores of tokens already in the sequence."""
-    score = np.take_along_axis(scores, ids, axis=1)
-    score = np.where(score < 0, score * np.float32(penalty), score / np.float32(penalty))
-    np.put_along_axis(scores, ids, score.astype(np.float32), axis=1)
+    score = ops.take_along(scores, ids, axis=1)
+    score = ops.where(score < 0, score * ops.scalar(penalty), score / ops.scalar(penalty))
+    ops.put_along(scores, ids, ops.astype(score, ops.float32), axis=1)
     return scores
 
 
@@ -39,8 +39,8 @@ def banned_ngram_tokens(n: int, row: list[int]) -> list[int]:
     return seen.get(tuple(row[cur_len + 1 - n : cur_len]), [])
 
 
-def no_repeat_ngram(n: int, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """NoRepeatNGramLogitsProcessor."""
+def no_repeat_ngram(ops, n: int, ids, scores):
+    """NoRepeatNGramLogitsProcessor (a host-side n-gram table, as transformers builds it)."""
     for i, row in enumerate(ids.tolist()):
         banned = banned_ngram_tokens(n, row)
         if banned:
@@ -48,9 +48,7 @@ def no_repeat_ngram(n: int, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return scores
 
 
-def bad_words(
-    words: tuple[tuple[int, ...], ...], ids: np.ndarray, scores: np.ndarray
-) -> np.ndarray:
+def bad_words(ops, words: tuple[tuple[int, ...], ...], ids, scores):
     """NoBadWordsLogitsProcessor: forbid the last token of a bad word whose prefix just occurred."""
     cur_len = ids.shape[1]
     for word in words:
@@ -59,8 +57,7 @@ def bad_words(
             continue
         if len(word) > cur_len:
             continue
-        prefix = np.asarray(word[:-1], dtype=ids.dtype)
-        matching = np.all(ids[:, cur_len - len(prefix) :] == prefix, axis=1)
+        matching = ops.all_equal(ids[:, cur_len - (len(word) - 1) :], word[:-1])
         scores[matching, word[-1]] = NEG_INF
     return scores
 
@@ -74,18 +71,14 @@ def without_eos_words(
     return tuple(dict.fromkeys(kept))
 
 
-def min_length(
-    min_len: int, eos: tuple[int, ...], ids: np.ndarray, scores: np.ndarray
-) -> np.ndarray:
+def min_length(ops, min_len: int, eos: tuple[int, ...], ids, scores):
     """MinLengthLogitsProcessor (also MinNewTokens, whose bound `options.resolve` folded in)."""
     if ids.shape[1] < min_len:
         scores[:, list(eos)] = NEG_INF
     return scores
 
 
-def forced_token(
-    at_len: int, tokens: tuple[int, ...], ids: np.ndarray, scores: np.ndarray
-) -> np.ndarray:
+def forced_token(ops, at_len: int, tokens: tuple[int, ...], ids, scores):
     """ForcedBOSTokenLogitsProcessor / ForcedEOSTokenLogitsProcessor."""
     if ids.shape[1] == at_len:
         scores[:] = NEG_INF
@@ -93,83 +86,65 @@ def forced_token(
     return scores
 
 
-def temperature(t: float, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def temperature(ops, t: float, ids, scores):
     """TemperatureLogitsWarper."""
-    return scores / np.float32(t)
+    return scores / ops.scalar(t)
 
 
-def top_k(k: int, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def top_k(ops, k: int, ids, scores):
     """TopKLogitsWarper: drop every token scoring below the k-th best."""
-    k = min(k, scores.shape[-1])
-    kth = -np.partition(-scores, k - 1, axis=-1)[:, k - 1 : k]
+    kth = ops.kth_largest(scores, min(k, scores.shape[-1]))
     scores[scores < kth] = NEG_INF
     return scores
 
 
-def top_p(p: float, keep: int, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def top_p(ops, p: float, keep: int, ids, scores):
     """TopPLogitsWarper: keep the smallest set of tokens holding probability mass `p`."""
-    order = np.argsort(scores, axis=-1, kind="stable")
-    sorted_scores = np.take_along_axis(scores, order, axis=-1)
-    cumulative = np.cumsum(softmax(sorted_scores), axis=-1)
-    remove = cumulative <= np.float32(1 - p)
+    order = ops.argsort(scores)
+    sorted_scores = ops.take_along(scores, order, axis=-1)
+    cumulative = ops.cumsum(ops.softmax(sorted_scores))
+    remove = cumulative <= ops.scalar(1 - p)
     remove[:, -keep:] = False
-    mask = np.zeros_like(remove)
-    np.put_along_axis(mask, order, remove, axis=-1)
+    mask = ops.zeros(tuple(remove.shape), ops.bool_)
+    ops.put_along(mask, order, remove, axis=-1)
     scores[mask] = NEG_INF
     return scores
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def build_common(o: GenerationOptions, impl: Any) -> list[Processor]:
-    """The non-sampling processors `model.generate()` builds, in its order.
-
-    `impl` is the module holding the processor functions: this one (numpy) or `vedrt.gpu.processors`
-    (torch), so both backends apply the same processors in the same order.
-    """
+def build(o: GenerationOptions, ops: Any) -> list[Processor]:
+    """The processors `model.generate()` would build for these options, in its order."""
     eos = o.eos_token_id
     chain: list[Processor] = []
+
+    def add(fn, *args):
+        chain.append(partial(fn, ops, *args))
+
     if o.repetition_penalty != 1.0:
-        chain.append(partial(impl.repetition_penalty, o.repetition_penalty))
+        add(repetition_penalty, o.repetition_penalty)
     if o.no_repeat_ngram_size > 0:
-        chain.append(partial(impl.no_repeat_ngram, o.no_repeat_ngram_size))
+        add(no_repeat_ngram, o.no_repeat_ngram_size)
     if o.bad_words_ids is not None:
         words = without_eos_words(o.bad_words_ids, eos)
         if words:
-            chain.append(partial(impl.bad_words, words))
+            add(bad_words, words)
     if eos is not None and o.min_length > 0:
-        chain.append(partial(impl.min_length, o.min_length, eos))
+        add(min_length, o.min_length, eos)
     if o.forced_bos_token_id is not None:
-        chain.append(partial(impl.forced_token, 1, (o.forced_bos_token_id,)))
+        add(forced_token, 1, (o.forced_bos_token_id,))
     if o.forced_eos_token_id is not None:
-        chain.append(partial(impl.forced_token, o.max_length - 1, o.forced_eos_token_id))
-    return chain
-
-
-def build(o: GenerationOptions) -> list[Processor]:
-    """The processors `model.generate()` would build for these options, in its order."""
-    eos = o.eos_token_id
-    chain = build_common(o, sys.modules[__name__])
+        add(forced_token, o.max_length - 1, o.forced_eos_token_id)
     if o.do_sample:
         keep = (len(eos) + 1 if eos else 2) if o.num_beams > 1 else 1
         if o.temperature != 1.0:
-            chain.append(partial(temperature, o.temperature))
+            add(temperature, o.temperature)
         if o.top_k != 0:
-            chain.append(partial(top_k, max(o.top_k, keep)))
+            add(top_k, max(o.top_k, keep))
         if o.top_p < 1.0:
-            chain.append(partial(top_p, o.top_p, keep))
+            add(top_p, o.top_p, keep)
     return chain
 
 
-def apply(chain: list[Processor], ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def apply(chain: list[Processor], ids, scores):
     for processor in chain:
         scores = processor(ids, scores)
     return scores

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import UsageError
+from ..errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,8 +66,8 @@ def require_tensorrt_and_gpu() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runtime.errors import InputError
-    from ..runtime.manifest import read_manifest
+    from ..errors import InputError
+    from ..manifest import read_manifest
 
     try:
         manifest = read_manifest(args.export_dir)

@@ -38,6 +38,8 @@ def dim_ranges(limits: Limits) -> dict[str, tuple[int, int, int]]:
     return {
         "batch": (1, 1, limits.max_batch),
         "batch_beams": (1, limits.max_beams, limits.max_batch * limits.max_beams),
+        "slots": (1, 1, limits.max_batch * limits.max_beams),  # an engine's image slots
+        "groups": (1, 1, limits.max_batch * limits.max_beams),
         "new_len": (1, 1, 1),  # the prompt is the start token alone, then one token per step
         "cache_len": (1, limits.max_new_tokens, limits.max_new_tokens),
     }
@@ -51,7 +53,7 @@ def profile_shapes(
     shapes = {}
     for spec in inputs:
         dims = spec["shape"]
-        if not dims:  # scalars (past_length) need no profile
+        if not dims:  # scalars need no profile
             continue
         if any(isinstance(d, str) and d not in ranges for d in dims):
             raise ValueError(f"input {spec['name']}: unknown symbolic dimension in {dims}")

@@ -9,14 +9,16 @@ steady decoder step is two small copies and one `execute_async_v3`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from ..gpu.executor import CachePool, DeviceCache, DeviceStep, to_device
-from ..runtime.errors import InputError
-from ..runtime.manifest import Manifest
+from ..errors import InputError
+from ..gpu.device import device_pool, finish_step, step_tensors, to_device
+from ..gpu.ops import TorchOps
+from ..manifest import Manifest
+from ..runtime.executor import Encoded, StepOutput
+from ..runtime.pool import KVPool
 from .profiles import GRAPHS, Limits, read_index
 
 
@@ -87,13 +89,7 @@ class TrtExecutor:
         self.engines = {
             g: _Engine(trt, runtime, manifest.root / entries[g]["file"]) for g in GRAPHS
         }
-        self.past = torch.zeros((), dtype=torch.int64, device=self.device)
-        if self.engines["decoder"].engine.is_shape_inference_io("past_length"):
-            self.past = torch.zeros((), dtype=torch.int64).pin_memory()  # a host scalar then
-        self._caches = CachePool(
-            self.layers, manifest.num_heads, manifest.head_dim, torch.float32, self.device
-        )
-        self._outputs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.ops = TorchOps(self.device)
 
     def check_limits(self, batch: int, beams: int, max_new: int) -> None:
         """Engines serve bounded shapes: say which bound a request exceeds, before it runs."""
@@ -105,7 +101,7 @@ class TrtExecutor:
                 "vedrt build --max-batch/--max-beams/--max-new-tokens"
             )
 
-    def encode(self, pixel_values: np.ndarray) -> list[torch.Tensor]:
+    def encode(self, pixel_values: np.ndarray) -> Encoded:
         m = self.m
         pixels = to_device(pixel_values, self.device, torch.float32)
         batch = pixels.shape[0]
@@ -123,56 +119,36 @@ class TrtExecutor:
             for kv in ("key", "value")
         }
         self.engines["cross_kv"].run({"encoder_hidden_states": states}, cross)
-        return list(cross.values())
+        mask = torch.ones((batch, m.enc_len), dtype=torch.int64, device=self.device)
+        return Encoded(list(cross.values()), mask)
 
-    def new_cache(self, batch_beams: int, cache_len: int) -> DeviceCache:
-        return self._caches.get(batch_beams, cache_len)
-
-    def _step_outputs(self, n: int, new_len: int) -> dict[str, torch.Tensor]:
-        """Output buffers per (rows, new_len), allocated once: stable addresses, no rebinding."""
-        key = (n, new_len)
-        if key not in self._outputs:
-            m = self.m
-            new_kv = torch.empty(
-                (self.layers, 2, n, m.num_heads, new_len, m.head_dim), device=self.device
+    def new_pool(self, rows: int, slots: int, cache_len: int, enc_len: int) -> KVPool:
+        lim = self.limits
+        if rows > lim.max_batch * lim.max_beams or cache_len > lim.max_new_tokens:
+            raise InputError(
+                f"an engine of {rows} rows and {cache_len} positions exceeds the TensorRT "
+                f"engines' limits ({lim.max_batch * lim.max_beams} rows, {lim.max_new_tokens} "
+                "positions); rebuild with vedrt build --max-batch/--max-beams/--max-new-tokens"
             )
-            attn = torch.empty(
-                (self.layers, n, m.num_heads, new_len, m.enc_len), device=self.device
-            )
-            self._outputs[key] = {
-                "logits": torch.empty((n, m.vocab_size), device=self.device),
-                "new_kv": new_kv,
-                "attn": attn,
-                "ids": torch.empty((n, new_len), dtype=torch.int64, device=self.device),
-            }
-        return self._outputs[key]
+        dims = (self.layers, self.m.num_heads, self.m.head_dim)
+        return device_pool(self.ops, dims, rows, slots, cache_len, enc_len, torch.float32)
 
     def decode(
-        self,
-        input_ids: torch.Tensor,
-        past_length: int,
-        cache: DeviceCache,
-        cross: list[torch.Tensor],
-        want_attentions: bool = False,
-    ) -> DeviceStep:
-        n, new_len = input_ids.shape
-        cache.check_room(past_length, new_len)
-        buffers = self._step_outputs(n, new_len)
-        buffers["ids"].copy_(input_ids)
-        self.past.fill_(past_length)
-        inputs: dict[str, Any] = {"input_ids": buffers["ids"], "past_length": self.past}
-        outputs = {"logits": buffers["logits"]}
-        views = cache.views()
-        for i in range(self.layers):
-            for j, kv in enumerate(("key", "value")):
-                inputs[f"self_{kv}.{i}"] = views[2 * i + j]
-                inputs[f"cross_{kv}.{i}"] = cross[2 * i + j]
-                outputs[f"new_{kv}.{i}"] = buffers["new_kv"][i, j]
-            outputs[f"cross_attn.{i}"] = buffers["attn"][i]
+        self, pool: KVPool, rows: int, groups: int, want_attentions: bool = False
+    ) -> StepOutput:
+        inputs, outputs = step_tensors(pool, rows, groups, self.m.vocab_size)
         self.engines["decoder"].run(inputs, outputs)
-        cache.write(buffers["new_kv"], past_length)
-        attn = [a.clone() for a in buffers["attn"]] if want_attentions else None
-        return DeviceStep(buffers["logits"], attn)
+        return finish_step(pool, rows, outputs, want_attentions)
 
-    def reorder(self, cache: DeviceCache, beam_idx: torch.Tensor, length: int) -> None:
-        cache.reorder(beam_idx)
+
+def trt_executor(
+    manifest: Manifest, device: str = "cuda", threads: int | None = None, precision: str = "fp16"
+) -> TrtExecutor:
+    """The loader registry's factory for backend="tensorrt" (engines from `vedrt build`)."""
+    from ..gpu import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not torch.cuda.is_available():
+        raise InputError(f"device={device!r}: no CUDA GPU is visible to torch")
+    return TrtExecutor(manifest, device, precision)

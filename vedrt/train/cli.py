@@ -11,8 +11,8 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from vedrt.cli import UsageError
 from vedrt.data import scenes
+from vedrt.errors import UsageError
 from vedrt.train.model import Sizes
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vedrt.cli import UsageError
 from vedrt.data import scenes
+from vedrt.errors import UsageError
 
 
 @dataclass

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vedrt.cli import UsageError
 from vedrt.data import scenes
+from vedrt.errors import UsageError
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "scenes"
 

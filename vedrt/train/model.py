@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vedrt.cli import UsageError
+from vedrt.errors import UsageError
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 

@@ -1,0 +1,98 @@
+"""The engine's decoder state: self-attention cache rows and cross-attention image slots.
+
+One pool per engine, allocated in the executor's memory (numpy on the host, torch tensors on a
+device) and written over `ops`, so every backend shares this code:
+- `cache` `[layers, 2, rows, heads, cache_len, head_dim]`: both K and V of every layer in one
+  array. Requests own contiguous row ranges packed at the front, so `cache[i, j, :n]` (what the
+  decoder graph reads as `self_key.i` / `self_value.i`) is a contiguous view. A step's new K/V are
+  written at each row's own position; a beam reorder copies rows within a request's range.
+- `cross` `[2 * layers, slots, heads, enc_len, head_dim]`: an image's K/V, computed once when it
+  is admitted, and the `encoder_mask` `[slots, enc_len]` of its valid encoder positions.
+- the step inputs `input_ids`, `past_lengths`, `group_slots`, whose prefixes the graph reads.
+Pools grow (more positions, more slots) by reallocation and copy; the engine asks for sizes it
+knows are needed, so a steady state allocates nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class KVPool:
+    """See the module docstring. `version` changes whenever a buffer is reallocated."""
+
+    def __init__(
+        self,
+        ops: Any,
+        dims: tuple[int, int, int],
+        rows: int,
+        slots: int,
+        cache_len: int,
+        enc_len: int,
+        dtype: Any,
+    ):
+        self.ops = ops
+        self.layers, self.heads, self.head_dim = dims
+        self.dtype = dtype
+        self.rows, self.slots, self.cache_len, self.enc_len = rows, slots, cache_len, enc_len
+        self.version = 0
+        # what an executor keeps per pool (ONNX Runtime IO bindings, captured CUDA graphs), so
+        # it lives and dies with the buffers it points into
+        self.bindings: dict[Any, Any] = {}
+        self.cache = self._new_cache(rows, cache_len)
+        self.cross = self._new_cross(slots, enc_len)
+        self.encoder_mask = ops.zeros((slots, enc_len), ops.int64)
+        self.input_ids = ops.zeros((rows, 1), ops.int64)
+        self.past_lengths = ops.zeros((rows,), ops.int64)
+        self.group_slots = ops.zeros((rows,), ops.int64)
+
+    def _new_cache(self, rows: int, cache_len: int):
+        # zeros, not empty: masked positions are multiplied by a probability of exactly 0, and
+        # 0 * NaN from uninitialised memory would poison the step
+        shape = (self.layers, 2, rows, self.heads, cache_len, self.head_dim)
+        return self.ops.zeros(shape, self.dtype)
+
+    def _new_cross(self, slots: int, enc_len: int):
+        shape = (2 * self.layers, slots, self.heads, enc_len, self.head_dim)
+        return self.ops.zeros(shape, self.dtype)
+
+    def ensure(self, cache_len: int, slots: int, enc_len: int, used_rows: int) -> None:
+        """Grow to hold `cache_len` positions and `slots` images of `enc_len` states."""
+        ops = self.ops
+        if cache_len > self.cache_len:
+            cache = self._new_cache(self.rows, cache_len)
+            cache[:, :, :used_rows, :, : self.cache_len] = self.cache[:, :, :used_rows]
+            self.cache, self.cache_len = cache, cache_len
+            self.version += 1
+        if slots > self.slots or enc_len > self.enc_len:
+            slots, enc_len = max(slots, self.slots), max(enc_len, self.enc_len)
+            cross = self._new_cross(slots, enc_len)
+            cross[:, : self.slots, :, : self.enc_len] = self.cross
+            mask = ops.zeros((slots, enc_len), ops.int64)
+            mask[: self.slots, : self.enc_len] = self.encoder_mask
+            self.cross, self.encoder_mask = cross, mask
+            self.slots, self.enc_len = slots, enc_len
+            self.version += 1
+
+    def put_image(self, slot: int, cross: list, mask: Any, index: int) -> None:
+        """Image `index` of an encoded batch (2 * layers arrays [b, H, S, hd]) into `slot`."""
+        length = cross[0].shape[2]
+        for j, array in enumerate(cross):
+            self.cross[j, slot, :, :length] = array[index]
+        self.encoder_mask[slot] = 0
+        self.encoder_mask[slot, :length] = mask[index]
+
+    def write_new(self, new_kv: list, rows: int) -> None:
+        """A step's new K/V (2 * layers arrays [rows, H, 1, hd]) at each row's position."""
+        row_idx = self.ops.arange(rows)
+        positions = self.past_lengths[:rows]
+        for j, array in enumerate(new_kv):
+            self.cache[j // 2, j % 2, row_idx, :, positions] = array[:, :, 0]
+
+    def copy_rows(self, source: Any, target: Any, length: int) -> None:
+        """cache rows `target` <- rows `source` (positions below `length`); may overlap."""
+        self.cache[:, :, target, :, :length] = self.cache[:, :, source, :, :length]
+
+    def move_rows(self, start: int, count: int, to: int, length: int) -> None:
+        """Rows [start, start+count) to [to, to+count), positions below `length`."""
+        self.copy_rows(self.ops.arange(count) + start, self.ops.arange(count) + to, length)
