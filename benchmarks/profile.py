@@ -41,7 +41,7 @@ def split_generate(
     gen = load(export_dir, threads=threads)
     ex = gen.executor
     spent = defaultdict(float)
-    for name in ("encode", "decode", "reorder"):
+    for name in ("encode", "decode"):
         inner = getattr(ex, name)
 
         def timed(*a, _inner=inner, _name=name, **k):

@@ -96,7 +96,7 @@ def test_onnxruntime_cuda_matches_the_cpu_runtime(spread):
         pytest.skip("onnxruntime has no CUDAExecutionProvider")
     _, out, pv, eos = spread
     gen = load(out, backend="onnxruntime", device="cuda")
-    assert type(gen).__name__ == "GpuGenerator"
+    assert type(gen).__name__ == "Generator"
     for setting in SETTINGS:
         kwargs = {**setting, "eos_token_id": eos}
         np.testing.assert_array_equal(gen.generate(pv, **kwargs), load(out).generate(pv, **kwargs))

@@ -82,33 +82,35 @@ def test_int8_export_generates_with_the_runtime(int8_export):
 
 
 def test_token_agreement_is_one_for_the_fp32_graphs(exported):
-    from vedrt.export.optimize import token_agreement
+    from vedrt.export.quantize import token_agreement
 
     model, out = exported("vit", "gpt2")
-    agreement = token_agreement(model, out, (32, 32), start_token=1, images=3, new_tokens=6)
+    agreement = token_agreement(model, out, start_token=1, images=3, new_tokens=6)
     assert agreement.sequences_identical == 1.0 and agreement.passed
 
 
 def test_runtime_shares_cross_kv_and_never_reallocates_the_cache(exported, monkeypatch):
-    """Beams read their image's cross K/V (batch rows, not batch*beams); the cache is allocated once."""
+    """Beams read their image's cross K/V (one slot per image, beams in one group); the pool is
+    allocated once and the decoder bound once per row layout."""
     from vedrt.runtime import load
     from vedrt.runtime.executor import OrtExecutor
 
     _, out = exported("vit", "gpt2")
-    seen = {"cross_rows": set(), "rows": set(), "caches": set(), "bindings": 0}
+    seen = {"slots": set(), "rows": set(), "groups": set(), "pools": set(), "bindings": 0}
     decode = OrtExecutor.decode
 
-    def spy(self, input_ids, past_length, cache, cross, want_attentions=False):
-        seen["cross_rows"].add(cross[0].shape()[0])
-        seen["rows"].add(input_ids.shape[0])
-        seen["caches"].add(id(cache.data))
-        seen["bindings"] = max(seen["bindings"], len(cache.bindings))
-        return decode(self, input_ids, past_length, cache, cross, want_attentions)
+    def spy(self, pool, rows, groups, want_attentions=False):
+        seen["slots"].add(pool.cross.shape[1])
+        seen["rows"].add(rows)
+        seen["groups"].add(groups)
+        seen["pools"].add((id(pool.cache), pool.version))
+        seen["bindings"] = max(seen["bindings"], len(pool.bindings))
+        return decode(self, pool, rows, groups, want_attentions)
 
     monkeypatch.setattr(OrtExecutor, "decode", spy)
     gen = load(out, threads=1)
     pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)
     gen.generate(pixels, num_beams=3, min_new_tokens=6, max_new_tokens=6)
-    assert seen["cross_rows"] == {2} and seen["rows"] == {6}
-    assert len(seen["caches"]) <= 2  # the cache and its reorder spare, swapped, never new ones
-    assert seen["bindings"] <= 2
+    assert seen["slots"] == {2} and seen["rows"] == {6} and seen["groups"] == {2}
+    assert len(seen["pools"]) == 1  # one cache, written in place, never reallocated
+    assert seen["bindings"] == 1

@@ -21,14 +21,9 @@ from ..manifest import FORMAT_VERSION, write_manifest
 from .architectures import UnsupportedArchitecture, decoder_family, encoder_family
 from .graphs import DEFAULT_OPSET, export_graphs
 from .modules import decoder_dims
-from .optimize import (
-    QUANTIZE_CHOICES,
-    externalize,
-    fuse_graphs,
-    quantize_graphs,
-    token_agreement,
-)
+from .optimize import externalize, fuse_graphs
 from .optimize import graph_bytes as graph_size
+from .quantize import QUANTIZE_CHOICES, quantize_graphs, token_agreement
 from .validate import Validation, ValidationError, validate_export
 
 TOKENIZER_FILES = (

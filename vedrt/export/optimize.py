@@ -8,10 +8,7 @@ are off: ours read a preallocated cache through `past_length` and compute positi
 which those kernels do not; the Gelu approximation is off because it changes results. The fused
 ops are ONNX Runtime contrib ops (CPU and CUDA kernels), listed in the manifest.
 
-`quantize="int8"` then replaces every weight MatMul/Gemm by a dynamic int8 one
-(`quantize_dynamic`, QInt8 weights, activations quantized per call): 4x fewer weight bytes to
-stream per decoder step, which is what a step on CPU is bound by. Its results are no longer
-within 1e-4 of PyTorch, so its check is how often greedy tokens agree with the fp32 model's.
+int8 quantization is `quantize.py`'s.
 """
 
 from __future__ import annotations
@@ -21,17 +18,15 @@ import io
 import logging
 import os
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 GRAPHS = ("encoder", "cross_kv", "decoder")
-QUANTIZE_CHOICES = ("int8",)
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """The optimizer and quantizer log and warn per node; none of it is for the user."""
     root = logging.getLogger()
     level = root.level
@@ -64,7 +59,7 @@ def fuse_graph(path: Path) -> dict[str, int]:
     """Rewrite one graph in place with the exact fusions; returns the count of each fused op."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    with _quiet():
+    with quiet():
         model = optimize_model(
             str(path),
             model_type="bert",
@@ -142,7 +137,7 @@ def simplify_graph(path: Path) -> dict[str, int]:
 
     model = onnx.load(str(path))
     try:
-        with _quiet():
+        with quiet():
             inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     except Exception:  # an op it cannot infer: keep the graph as it is
         return {}
@@ -152,7 +147,7 @@ def simplify_graph(path: Path) -> dict[str, int]:
         "GemmToMatMul": _unwrap_gemms(graph, shapes),
         "ConstReshape": _const_reshapes(graph, shapes),
     }
-    stats["NodesRemoved"] = _prune(graph)
+    stats["NodesRemoved"] = prune(graph)
     del graph.value_info[:]  # symbolic names such as "batch_beams*new_len" are not for ORT
     onnx.save(inferred, str(path))
     return {k: v for k, v in stats.items() if v}
@@ -243,7 +238,7 @@ def _const_reshapes(graph, shapes: dict) -> int:
     return done
 
 
-def _prune(graph) -> int:
+def prune(graph) -> int:
     """Remove nodes whose outputs reach no graph output, and the initializers nobody reads."""
     needed = {o.name for o in graph.output}
     keep = []
@@ -277,148 +272,3 @@ def _toposort(graph) -> None:
         pending = rest
     del graph.node[:]
     graph.node.extend(ordered)
-
-
-def quantize_graph(path: Path) -> None:
-    """Dynamic int8 weights (QInt8) for every MatMul/Gemm with a constant weight, in place."""
-    from onnx import TensorProto
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    tmp = path.with_suffix(".int8.tmp")
-    with _quiet():
-        quantize_dynamic(
-            path,
-            tmp,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            weight_type=QuantType.QInt8,
-            per_channel=False,
-            # the fused contrib ops defeat shape inference; everything around them is float32
-            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
-        )
-    os.replace(tmp, path)
-    _share_quantized_tables(path)
-
-
-def _share_quantized_tables(path: Path) -> None:
-    """Look tokens up in the int8 copy of a tied head, so its fp32 copy is not kept for that.
-
-    A head tied to the token embedding is one [d, vocab] matrix read by a MatMul and a Gather;
-    quantizing the MatMul leaves the fp32 matrix behind for the Gather (154 MB for GPT-2).
-    Gather from the int8 matrix, then dequantize the few rows looked up.
-    """
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    names = {t.name for t in graph.initializer}
-    changed = False
-    for node in list(graph.node):
-        table = node.input[0] if node.op_type == "Gather" else None
-        if table is None or f"{table}_quantized" not in names:
-            continue
-        rows = node.output[0] + "/int8"
-        dequant = helper.make_node(
-            "DequantizeLinear",
-            [rows, f"{table}_scale", f"{table}_zero_point"],
-            [node.output[0]],
-            node.name + "/Dequantize",
-        )
-        node.input[0], node.output[0] = f"{table}_quantized", rows
-        graph.node.insert(list(graph.node).index(node) + 1, dequant)
-        changed = True
-    if changed:
-        _prune(graph)
-        onnx.save(model, str(path))
-
-
-def quantize_graphs(export_dir: Path, quantize: str) -> None:
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
-    for name in GRAPHS:
-        quantize_graph(export_dir / f"{name}.onnx")
-
-
-@dataclass(frozen=True)
-class TokenAgreement:
-    """Greedy tokens of the quantized graphs against the fp32 PyTorch model's, on random images."""
-
-    images: int
-    new_tokens: int
-    sequences_identical: float  # share of images whose whole sequence matches
-    tokens_agreeing: float  # share of positions before each sequence's first difference
-    threshold: float = 0.5  # below this share of identical sequences, the export warns
-
-    @property
-    def passed(self) -> bool:
-        return self.sequences_identical >= self.threshold
-
-    def to_json(self) -> dict:
-        return {"passed": self.passed, **asdict(self)}
-
-
-def _vedrt_greedy(export_dir: Path, pixel_values: np.ndarray, start: int, steps: int) -> np.ndarray:
-    """Plain argmax decoding (no stopping) through the runtime's own loader and engine."""
-    from ..runtime import load
-
-    gen = load(export_dir)
-    plain = dict(num_beams=1, do_sample=False, min_length=0, no_repeat_ngram_size=0)
-    plain |= dict(repetition_penalty=1.0, bad_words_ids=None, forced_bos_token_id=None)
-    ids = gen.generate(
-        pixel_values,
-        max_new_tokens=steps,
-        eos_token_id=None,
-        forced_eos_token_id=None,
-        decoder_start_token_id=start,
-        **plain,
-    )
-    return ids[:, 1:]
-
-
-def _torch_greedy(model, pixel_values: np.ndarray, start: int, steps: int) -> np.ndarray:
-    """The same plain argmax decoding with transformers' fp32 model (full recompute per step)."""
-    import torch
-
-    with torch.no_grad():
-        encoded = model.encoder(pixel_values=torch.from_numpy(pixel_values))
-        ids = torch.full((pixel_values.shape[0], 1), start, dtype=torch.long)
-        for _ in range(steps):
-            logits = model(encoder_outputs=encoded, decoder_input_ids=ids).logits[:, -1]
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    return ids[:, 1:].numpy()
-
-
-def token_agreement(
-    model,
-    export_dir: Path,
-    start_token: int,
-    images: int = 8,
-    new_tokens: int = 16,
-    seed: int = 0,
-) -> TokenAgreement:
-    """Compare greedy tokens of the graphs in `export_dir` with the fp32 model's."""
-    from ..manifest import read_manifest
-
-    image_size = read_manifest(export_dir).image_size
-    rng = np.random.default_rng(seed)
-    pixel_values = rng.standard_normal((images, 3, *image_size), dtype=np.float32)
-    max_positions = _max_new(model, new_tokens)
-    ours = _vedrt_greedy(export_dir, pixel_values, start_token, max_positions)
-    ref = _torch_greedy(model, pixel_values, start_token, max_positions)
-    same = ours == ref
-    first_diff = np.where(same.all(axis=1), same.shape[1], np.argmin(same, axis=1))
-    return TokenAgreement(
-        images=images,
-        new_tokens=max_positions,
-        sequences_identical=float(same.all(axis=1).mean()),
-        tokens_agreeing=float(first_diff.mean() / same.shape[1]),
-    )
-
-
-def _max_new(model, wanted: int) -> int:
-    """No more tokens than the decoder has positions for (tiny test models have few)."""
-    config = model.decoder.config
-    positions = getattr(config, "n_positions", None) or getattr(
-        config, "max_position_embeddings", wanted + 4
-    )
-    return max(1, min(wanted, positions - 4))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -64,7 +65,16 @@ class Engine:
         self._stopping = False
         self._drain = True
         self._closed = False
-        self.stats = {"steps": 0, "rows_last_step": 0, "tokens": 0, "finished": 0}
+        # counters for metrics and benchmarks: seconds in whole steps and in the decoder graph
+        self.stats = {
+            "steps": 0,
+            "row_steps": 0,
+            "rows_last_step": 0,
+            "tokens": 0,
+            "finished": 0,
+            "step_seconds": 0.0,
+            "decode_seconds": 0.0,
+        }
 
     # -- requests -------------------------------------------------------------------------
     def submit(self, pixel_values: Any, **options: Any) -> Handle:
@@ -118,6 +128,7 @@ class Engine:
             self._admit()
             if not self._active:
                 return finished
+            began = time.perf_counter()
             try:
                 out = self._decode()
             except Exception as exc:  # the step failed for every row in it
@@ -128,6 +139,7 @@ class Engine:
                 return finished
             done = [a for a in self._active if self._advance(a, out)]
             self._release(done)
+            self.stats["step_seconds"] += time.perf_counter() - began
             return finished + [a.handle for a in done]
 
     def _drop_cancelled(self) -> list[Handle]:
@@ -223,8 +235,11 @@ class Engine:
             self._groups = self._layout_groups()
         rows = self.active_rows
         want = any(a.search.collect.want_attentions for a in self._active)
+        began = time.perf_counter()
         out = self.executor.decode(self.pool, rows, self._groups, want)
+        self.stats["decode_seconds"] += time.perf_counter() - began
         self.stats["steps"] += 1
+        self.stats["row_steps"] += rows
         self.stats["rows_last_step"] = rows
         return out
 

@@ -15,17 +15,17 @@ class EngineStopped(RuntimeError):
 class Handle:
     """One request: `.done()`, `.result(timeout)`, `.cancel()`, `.add_done_callback(fn)`.
 
-    `submitted`, `started` and `finished` are `time.monotonic()` stamps (queue time and latency
-    for metrics); `started` is None until the request is admitted to the engine's rows.
+    `submitted_at`, `started_at` and `finished_at` are `time.monotonic()` stamps (queue time and latency
+    for metrics); `started_at` is None until the request is admitted to the engine's rows.
     """
 
     def __init__(self, pixel_values: Any, options: Any, rows: int):
         self.pixel_values = pixel_values
         self.options = options  # the resolved GenerationOptions
         self.rows = rows
-        self.submitted = time.monotonic()
-        self.started: float | None = None
-        self.finished: float | None = None
+        self.submitted_at = time.monotonic()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
         self.cancelled = False
         self._event = threading.Event()
         self._lock = threading.Lock()
@@ -66,14 +66,14 @@ class Handle:
         fn(self)
 
     def admitted(self) -> None:
-        self.started = time.monotonic()
+        self.started_at = time.monotonic()
 
     def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
         with self._lock:
             if self._event.is_set():
                 return
             self._result, self._error = result, error
-            self.finished = time.monotonic()
+            self.finished_at = time.monotonic()
             self.pixel_values = None  # the request's images are not needed any more
             self._event.set()
             callbacks, self._callbacks = self._callbacks, []

@@ -57,9 +57,9 @@ class NumpyOps:
             idx = np.sort(np.argpartition(-x, k - 1, axis=-1)[:, :k], axis=-1)
         else:
             idx = np.broadcast_to(np.arange(n), x.shape).copy()
-        vals = np.take_along_axis(x, idx, axis=-1)
+        vals = self.take_along(x, idx, axis=-1)
         order = np.argsort(-vals, axis=-1, kind="stable")
-        return np.take_along_axis(vals, order, axis=-1), np.take_along_axis(idx, order, axis=-1)
+        return self.take_along(vals, order, axis=-1), self.take_along(idx, order, axis=-1)
 
     def kth_largest(self, x: np.ndarray, k: int) -> np.ndarray:
         """[rows, 1]: each row's k-th largest value."""
@@ -69,6 +69,8 @@ class NumpyOps:
         return np.argsort(x, axis=-1, kind="stable")
 
     def take_along(self, x: np.ndarray, idx: np.ndarray, axis: int) -> np.ndarray:
+        if x.ndim == 2 and axis in (1, -1):  # the search's case: plain indexing is ~3x faster
+            return x[np.arange(x.shape[0])[:, None], idx]
         return np.take_along_axis(x, idx, axis=axis)
 
     def put_along(self, x: np.ndarray, idx: np.ndarray, values: np.ndarray, axis: int) -> None:
@@ -99,6 +101,11 @@ class NumpyOps:
         return np.where(cond, a, b)
 
     def isin(self, x: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
+        if len(values) <= 4:  # EOS ids: a few comparisons beat np.isin's set machinery
+            found = np.zeros(x.shape, dtype=bool)
+            for value in values:
+                found |= x == value
+            return found
         return np.isin(x, values)
 
     def all_equal(self, x: np.ndarray, row: tuple[int, ...]) -> np.ndarray:

@@ -1,0 +1,164 @@
+"""`quantize="int8"`: dynamic int8 weights, checked by how often greedy tokens still agree.
+
+Every weight MatMul/Gemm becomes a dynamic int8 one (`quantize_dynamic`, QInt8 weights,
+activations quantized per call): 4x fewer weight bytes to stream per decoder step, which is what a
+step on CPU is bound by. Its results are no longer within 1e-4 of PyTorch, so its check is how
+often greedy tokens agree with the fp32 model's, run through the runtime's own loader and engine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .optimize import GRAPHS, prune, quiet
+
+QUANTIZE_CHOICES = ("int8",)
+
+
+def quantize_graph(path: Path) -> None:
+    """Dynamic int8 weights (QInt8) for every MatMul/Gemm with a constant weight, in place."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_suffix(".int8.tmp")
+    with quiet():
+        quantize_dynamic(
+            path,
+            tmp,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            weight_type=QuantType.QInt8,
+            per_channel=False,
+            # the fused contrib ops defeat shape inference; everything around them is float32
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
+        )
+    os.replace(tmp, path)
+    _share_quantized_tables(path)
+
+
+def _share_quantized_tables(path: Path) -> None:
+    """Look tokens up in the int8 copy of a tied head, so its fp32 copy is not kept for that.
+
+    A head tied to the token embedding is one [d, vocab] matrix read by a MatMul and a Gather;
+    quantizing the MatMul leaves the fp32 matrix behind for the Gather (154 MB for GPT-2).
+    Gather from the int8 matrix, then dequantize the few rows looked up.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    names = {t.name for t in graph.initializer}
+    changed = False
+    for node in list(graph.node):
+        table = node.input[0] if node.op_type == "Gather" else None
+        if table is None or f"{table}_quantized" not in names:
+            continue
+        rows = node.output[0] + "/int8"
+        dequant = helper.make_node(
+            "DequantizeLinear",
+            [rows, f"{table}_scale", f"{table}_zero_point"],
+            [node.output[0]],
+            node.name + "/Dequantize",
+        )
+        node.input[0], node.output[0] = f"{table}_quantized", rows
+        graph.node.insert(list(graph.node).index(node) + 1, dequant)
+        changed = True
+    if changed:
+        prune(graph)
+        onnx.save(model, str(path))
+
+
+def quantize_graphs(export_dir: Path, quantize: str) -> None:
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    for name in GRAPHS:
+        quantize_graph(export_dir / f"{name}.onnx")
+
+
+@dataclass(frozen=True)
+class TokenAgreement:
+    """Greedy tokens of the quantized graphs against the fp32 PyTorch model's, on random images."""
+
+    images: int
+    new_tokens: int
+    sequences_identical: float  # share of images whose whole sequence matches
+    tokens_agreeing: float  # share of positions before each sequence's first difference
+    threshold: float = 0.5  # below this share of identical sequences, the export warns
+
+    @property
+    def passed(self) -> bool:
+        return self.sequences_identical >= self.threshold
+
+    def to_json(self) -> dict:
+        return {"passed": self.passed, **asdict(self)}
+
+
+def _vedrt_greedy(export_dir: Path, pixel_values: np.ndarray, start: int, steps: int) -> np.ndarray:
+    """Plain argmax decoding (no stopping) through the runtime's own loader and engine."""
+    from ..runtime import load
+
+    gen = load(export_dir)
+    plain = dict(num_beams=1, do_sample=False, min_length=0, no_repeat_ngram_size=0)
+    plain |= dict(repetition_penalty=1.0, bad_words_ids=None, forced_bos_token_id=None)
+    ids = gen.generate(
+        pixel_values,
+        max_new_tokens=steps,
+        eos_token_id=None,
+        forced_eos_token_id=None,
+        decoder_start_token_id=start,
+        **plain,
+    )
+    return ids[:, 1:]
+
+
+def _torch_greedy(model, pixel_values: np.ndarray, start: int, steps: int) -> np.ndarray:
+    """The same plain argmax decoding with transformers' fp32 model (full recompute per step)."""
+    import torch
+
+    with torch.no_grad():
+        encoded = model.encoder(pixel_values=torch.from_numpy(pixel_values))
+        ids = torch.full((pixel_values.shape[0], 1), start, dtype=torch.long)
+        for _ in range(steps):
+            logits = model(encoder_outputs=encoded, decoder_input_ids=ids).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids[:, 1:].numpy()
+
+
+def token_agreement(
+    model,
+    export_dir: Path,
+    start_token: int,
+    images: int = 8,
+    new_tokens: int = 16,
+    seed: int = 0,
+) -> TokenAgreement:
+    """Compare greedy tokens of the graphs in `export_dir` with the fp32 model's."""
+    from ..manifest import read_manifest
+
+    image_size = read_manifest(export_dir).image_size
+    rng = np.random.default_rng(seed)
+    pixel_values = rng.standard_normal((images, 3, *image_size), dtype=np.float32)
+    max_positions = _max_new(model, new_tokens)
+    ours = _vedrt_greedy(export_dir, pixel_values, start_token, max_positions)
+    ref = _torch_greedy(model, pixel_values, start_token, max_positions)
+    same = ours == ref
+    first_diff = np.where(same.all(axis=1), same.shape[1], np.argmin(same, axis=1))
+    return TokenAgreement(
+        images=images,
+        new_tokens=max_positions,
+        sequences_identical=float(same.all(axis=1).mean()),
+        tokens_agreeing=float(first_diff.mean() / same.shape[1]),
+    )
+
+
+def _max_new(model, wanted: int) -> int:
+    """No more tokens than the decoder has positions for (tiny test models have few)."""
+    config = model.decoder.config
+    positions = getattr(config, "n_positions", None) or getattr(
+        config, "max_position_embeddings", wanted + 4
+    )
+    return max(1, min(wanted, positions - 4))
