@@ -75,7 +75,12 @@ def profile_decoder(export_dir: Path, beams: int, past: int, threads: int, steps
     layers, heads, hd = dec["num_layers"], dec["num_heads"], dec["head_dim"]
     enc_len = manifest["encoder"]["enc_len"]
     rng = np.random.default_rng(0)
-    feed = {"input_ids": np.full((beams, 1), 5, np.int64), "past_length": np.array(past, np.int64)}
+    feed = {
+        "input_ids": np.full((beams, 1), 5, np.int64),
+        "past_lengths": np.full(beams, past, np.int64),
+        "group_slots": np.zeros(1, np.int64),  # one image, its beams in one group
+        "encoder_mask": np.ones((1, enc_len), np.int64),
+    }
     for i in range(layers):
         for kv in ("key", "value"):
             feed[f"self_{kv}.{i}"] = rng.standard_normal(

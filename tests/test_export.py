@@ -64,7 +64,8 @@ def test_manifest_names_match_the_graphs(exported):
 
 
 def test_cross_kv_is_shared_by_beams_not_expanded(exported):
-    """The decoder takes cross K/V for `batch` images while its tokens are batch*beams rows."""
+    """The decoder takes cross K/V per image slot while its tokens are batch*beams rows, in
+    groups that each read one slot (`group_slots`)."""
     import onnxruntime as ort
 
     _, out = exported("vit", "gpt2")
@@ -79,7 +80,9 @@ def test_cross_kv_is_shared_by_beams_not_expanded(exported):
     assert cross[0].shape[0] == 2
     feed = {
         "input_ids": np.full((6, 1), 1, dtype=np.int64),
-        "past_length": np.array(0, dtype=np.int64),
+        "past_lengths": np.zeros(6, dtype=np.int64),
+        "group_slots": np.array([0, 1], dtype=np.int64),
+        "encoder_mask": np.ones((2, states.shape[1]), dtype=np.int64),
     }
     for i in range(2):
         feed[f"self_key.{i}"] = feed[f"self_value.{i}"] = np.zeros((6, 4, 3, 8), np.float32)
@@ -89,6 +92,9 @@ def test_cross_kv_is_shared_by_beams_not_expanded(exported):
     # the three beams of one image see the same image and the same token: identical rows
     np.testing.assert_allclose(logits[0], logits[2], atol=1e-6)
     assert np.abs(logits[0] - logits[3]).max() > 1e-4  # the other image differs
+    feed["group_slots"] = np.array([1, 0], dtype=np.int64)  # the groups read the other slots
+    swapped = dec.run(["logits"], feed)[0]
+    np.testing.assert_allclose(swapped[:3], logits[3:], atol=1e-6)
 
 
 def test_export_from_saved_directory_with_cli(tmp_path, capsys):

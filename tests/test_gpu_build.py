@@ -55,12 +55,13 @@ def test_profiles_span_batch_beams_and_cache(exported):
     manifest = json.loads((out / "vedrt.json").read_text())
     limits = Limits(max_batch=2, max_beams=4, max_new_tokens=16)
     dec = profile_shapes(manifest["graphs"]["decoder"]["inputs"], limits)
-    assert "past_length" not in dec  # a scalar: no profile
+    assert dec["past_lengths"] == ((1,), (4,), (8,))  # one position per row
+    assert dec["group_slots"][2] == (8,) and dec["encoder_mask"][2][0] == 8
     assert dec["input_ids"] == ((1, 1), (4, 1), (8, 1))
     lo, opt, hi = dec["self_key.0"]
     assert (lo[0], opt[0], hi[0]) == (1, 4, 8)  # batch x beams
     assert (lo[2], opt[2], hi[2]) == (1, 16, 16)  # cache length
-    assert dec["cross_key.0"][2][0] == 2  # cross K/V per image, not per beam
+    assert dec["cross_key.0"][0][0] == 1  # image slots: from one image up
     enc = profile_shapes(manifest["graphs"]["encoder"]["inputs"], limits)
     assert enc["pixel_values"] == ((1, 3, 32, 32), (1, 3, 32, 32), (2, 3, 32, 32))
 
