@@ -61,3 +61,94 @@ def test_caption_explain_with_beams_on_the_shipped_model(tmp_path, capsys) -> No
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == images
     assert out.is_file() and (tmp_path / "att-2.png").is_file()
+
+
+# --- 3: decompression bombs and huge images -------------------------------------------------------
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims `width` x `height` (what Pillow reads at open) without the pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat))
+    return path
+
+
+@pytest.mark.parametrize("size", [(30000, 30000), (12000, 9000)])
+def test_a_bomb_is_one_bad_image_and_the_others_are_captioned(tmp_path, capsys, size) -> None:
+    from vedrt.cli import main
+
+    bomb = _png_header_only(tmp_path / "bomb.png", *size)
+    gray = tmp_path / "gray.png"
+    with Image.open(EXAMPLES / "scene2.png") as im:
+        im.convert("L").save(gray)
+    good = str(EXAMPLES / "scene1.png")
+    assert main(["caption", good, str(bomb), str(gray)]) == 1
+    captured = capsys.readouterr()
+    assert [line.split("\t")[0] for line in captured.out.splitlines()] == [good, str(gray)]
+    errors = [e for e in captured.err.splitlines() if str(bomb) in e]
+    assert len(errors) == 1 and "limit" in errors[0] and "Traceback" not in captured.err
+
+
+def test_a_huge_jpeg_is_decoded_reduced(tmp_path) -> None:
+    from vedrt.runtime import load
+    from vedrt.runtime.preprocess import LARGE_PIXELS, load_image
+
+    path = tmp_path / "huge.jpg"
+    Image.new("L", (6000, 6000), 90).save(path, quality=90)
+    assert 6000 * 6000 > LARGE_PIXELS
+    gen = load(ROOT / "vedrt" / "models" / "scenes", threads=1)
+    keep = gen.processor.keep_short_side
+    image = load_image(path, keep_short_side=keep)
+    assert keep <= min(image.size) < 2 * keep  # not 6000x6000 in memory
+    assert load_image(path).size == (6000, 6000)  # no processor, no reduction
+    pv = gen.preprocess([path])
+    assert pv.shape[0] == 1 and np.isfinite(pv).all()
+
+
+# --- 4: EXIF orientation and 16-bit grayscale -----------------------------------------------------
+
+
+def test_exif_orientation_is_applied(tmp_path) -> None:
+    from vedrt.runtime import load
+    from vedrt.runtime.preprocess import load_image
+
+    with Image.open(EXAMPLES / "scene2.png") as im:
+        upright = im.convert("RGB")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # as a camera held sideways writes it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.png"
+    stored.save(path, exif=exif)
+    np.testing.assert_array_equal(np.asarray(load_image(path)), np.asarray(upright))
+    with Image.open(path) as im:  # a PIL image given directly is turned upright too
+        np.testing.assert_array_equal(np.asarray(load_image(im)), np.asarray(upright))
+    gen = load(ROOT / "vedrt" / "models" / "scenes", threads=1)
+    assert gen.caption([path]) == gen.caption([EXAMPLES / "scene2.png"])
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path) -> None:
+    from vedrt.runtime import load
+
+    with Image.open(EXAMPLES / "scene2.png") as im:
+        gray8 = im.convert("L")
+    wide = np.asarray(gray8).astype(np.uint16) * 257  # the same picture with 16 bits per pixel
+    path16 = tmp_path / "gray16.png"
+    Image.fromarray(wide).save(path16)
+    with Image.open(path16) as im:
+        assert im.mode.startswith("I")
+    gen = load(ROOT / "vedrt" / "models" / "scenes", threads=1)
+    pv16 = gen.preprocess([path16])
+    pv8 = gen.preprocess([gray8])
+    np.testing.assert_array_equal(pv16, pv8)
+    as_int32 = Image.fromarray(wide.astype(np.int32))  # mode "I", as older Pillow opens them
+    np.testing.assert_array_equal(gen.preprocess([as_int32]), pv8)
+    assert gen.caption([path16]) == gen.caption([gray8])

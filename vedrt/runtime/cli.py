@@ -1,7 +1,9 @@
 """`vedrt caption`: one line per image, `path<TAB>caption` or JSON lines.
 
-A bad image is reported on stderr and the others are still captioned; the exit status is 2 at
-the end if any image failed. Imports nothing heavy: ONNX Runtime, PIL and tokenizers only.
+A bad image (unreadable, truncated, a decompression bomb) is reported on stderr in one line and
+the others are still captioned; the exit status is 1 at the end if any image failed, 2 for a
+usage error. An attention map that cannot be written is reported after the captions it explains.
+Imports nothing heavy: ONNX Runtime, PIL and tokenizers only.
 """
 
 from __future__ import annotations
@@ -52,10 +54,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print(path: str, caption: str, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"image": path, "caption": caption}, ensure_ascii=False), flush=True)
-    else:
-        print(f"{path}\t{caption}", flush=True)
+    from ..cli import UsageError
+
+    line = (
+        json.dumps({"image": path, "caption": caption}, ensure_ascii=False)
+        if as_json
+        else f"{path}\t{caption}"
+    )
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): vedrt.cli stops quietly
+    except OSError as exc:  # `> /dev/full`, a full disk: one line, and no second failed flush
+        _discard_stdout()
+        raise UsageError(f"cannot write the captions: {exc.strerror or exc}") from None
+
+
+def _discard_stdout() -> None:
+    from ..cli import _discard_stdout as discard
+
+    discard()
 
 
 def _model_dir(args: argparse.Namespace, usage_error) -> Path:
@@ -85,12 +103,9 @@ def explain_path(out: str, index: int) -> Path:
     return path if index == 0 else path.with_name(f"{path.stem}-{index + 1}{path.suffix}")
 
 
-def caption_and_explain(
-    generator, good: list, options: dict, out: str, first_index: int
-) -> list[str]:
-    """Caption a batch and write each image's attention map (greedy: its row; beams: the chosen beam's)."""
+def caption_and_explain(generator, good: list, options: dict) -> tuple[list[str], list]:
+    """Caption a batch and keep what its attention maps need, written after the captions print."""
     from .errors import InputError
-    from .explain import write_attention_map
 
     encoder = generator.manifest.raw["encoder"]
     if "patch_grid" not in encoder:
@@ -103,6 +118,7 @@ def caption_and_explain(
     )
     eos = set(generator.options(**options).eos_token_id or ())
     vocab = generator.detokenizer.tokenizer
+    maps = []
     for i, (_, image) in enumerate(good):
         ids = [int(t) for t in result.sequences[i, 1:]]
         steps = next((k for k, t in enumerate(ids) if t in eos), len(ids))
@@ -110,16 +126,29 @@ def caption_and_explain(
         rows = (
             i if result.beam_indices is None else [int(r) for r in result.beam_indices[i, :steps]]
         )
-        write_attention_map(
-            image,
-            tokens,
-            result.cross_attentions,
-            explain_path(out, first_index + i),
-            grid=tuple(encoder["patch_grid"]),
-            prefix_tokens=int(encoder.get("prefix_tokens", 1)),
-            rows=rows,
-        )
-    return generator.decode(result.sequences)
+        maps.append((image, tokens, rows))
+    return generator.decode(result.sequences), [(result.cross_attentions, maps)]
+
+
+def write_maps(generator, pending: list, out: str, first_index: int) -> int:
+    """Write the attention maps of one batch (greedy: the image's row; beams: the chosen beam's)."""
+    from .explain import write_attention_map
+
+    encoder = generator.manifest.raw["encoder"]
+    index = first_index
+    for cross_attentions, maps in pending:
+        for image, tokens, rows in maps:
+            write_attention_map(
+                image,
+                tokens,
+                cross_attentions,
+                explain_path(out, index),
+                grid=tuple(encoder["patch_grid"]),
+                prefix_tokens=int(encoder.get("prefix_tokens", 1)),
+                rows=rows,
+            )
+            index += 1
+    return index
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,32 +166,44 @@ def run(args: argparse.Namespace) -> int:
         generator = load(_model_dir(args, UsageError), threads=args.threads)
         generator.options(**options)  # reject bad options before reading any image
         generator.detokenizer  # noqa: B018  (fail early on an export without a tokenizer)
+        keep = generator.processor.keep_short_side
     except InputError as exc:
         raise UsageError(str(exc)) from None
 
-    failed = 0
+    failed, map_failed = 0, False
+    explain = args.explain  # None once a map could not be written: the captions go on
     explained = 0
     for start in range(0, len(args.images), args.batch_size):
         good: list[tuple[str, object]] = []
         for path in args.images[start : start + args.batch_size]:
             try:
-                good.append((path, load_image(path)))
+                good.append((path, load_image(path, keep_short_side=keep)))
             except InputError as exc:
                 print(f"vedrt caption: error: {exc}", file=sys.stderr, flush=True)
                 failed += 1
         if not good:
             continue
+        pending: list = []
         try:
-            if args.explain:
-                captions = caption_and_explain(generator, good, options, args.explain, explained)
-                explained += len(good)
+            if explain:
+                captions, pending = caption_and_explain(generator, good, options)
             else:
                 captions = generator.caption([image for _, image in good], **options)
-        except (InputError, OSError) as exc:
+        except InputError as exc:
             raise UsageError(str(exc)) from None
         for (path, _), caption in zip(good, captions, strict=True):
             _print(path, caption, args.json)
+        if pending:
+            try:
+                explained = write_maps(generator, pending, explain, explained)
+            except OSError as exc:
+                print(
+                    f"vedrt caption: error: cannot write the attention map "
+                    f"{explain_path(explain, explained)}: {exc.strerror or exc}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                explain, map_failed = None, True
     if failed:
         print(f"vedrt caption: {failed} of {len(args.images)} images failed", file=sys.stderr)
-        return 2
-    return 0
+    return 1 if failed or map_failed else 0

@@ -105,7 +105,8 @@ class Generator:
         """Paths or PIL images -> pixel values, as the checkpoint's image processor makes them."""
         from .preprocess import load_image
 
-        return self.processor([load_image(image) for image in images])
+        keep = self.processor.keep_short_side
+        return self.processor([load_image(image, keep_short_side=keep) for image in images])
 
     def decode(self, sequences: np.ndarray) -> list[str]:
         return self.detokenizer.decode(sequences)
