@@ -152,3 +152,64 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path) -> None:
     as_int32 = Image.fromarray(wide.astype(np.int32))  # mode "I", as older Pillow opens them
     np.testing.assert_array_equal(gen.preprocess([as_int32]), pv8)
     assert gen.caption([path16]) == gen.caption([gray8])
+
+
+# --- 8: every option validated at the boundary ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    from vedrt.runtime import load
+
+    return load(ROOT / "vedrt" / "models" / "scenes", threads=1)
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        ({"decoder_start_token_id": 99999}, "decoder_start_token_id: token id 99999"),
+        ({"bad_words_ids": [[99999]]}, "bad_words_ids: token id 99999"),
+        ({"eos_token_id": [2, 99999]}, "eos_token_id: token id 99999"),
+        ({"forced_bos_token_id": -1}, "forced_bos_token_id: token id -1"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+        ({"max_new_tokens": "5"}, "max_new_tokens must be an integer"),
+        ({"num_beams": True}, "num_beams must be an integer"),
+        ({"num_beams": 2.0}, "num_beams must be an integer"),
+        ({"top_k": "50"}, "top_k must be an integer"),
+        ({"temperature": "hot"}, "temperature must be a number"),
+        ({"length_penalty": True}, "length_penalty must be a number"),
+        ({"do_sample": 1}, "do_sample must be True or False"),
+        ({"return_dict": "yes"}, "return_dict must be True or False"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"min_new_tokens": 25, "max_new_tokens": 10}, "min_new_tokens=25"),
+        ({"min_new_tokens": -1}, "min_new_tokens must be >= 0"),
+    ],
+)
+def test_bad_option_values_are_input_errors_before_generation(scenes, overrides, words) -> None:
+    from vedrt.runtime import InputError
+
+    pixel_values = scenes.preprocess([EXAMPLES / "scene1.png"])
+    with pytest.raises(InputError, match=words):
+        scenes.options(**overrides)
+    with pytest.raises(InputError, match=words):
+        scenes.generate(pixel_values, **overrides)
+
+
+def test_numpy_integers_and_int_floats_are_accepted(scenes) -> None:
+    o = scenes.options(max_new_tokens=np.int64(5), num_beams=np.int32(2), temperature=1)
+    assert (o.max_new, o.num_beams, o.temperature) == (5, 2, 1.0)
+
+
+def test_manifest_positions_that_disagree_with_the_graph_fail_at_load(tmp_path) -> None:
+    import json
+    import shutil
+
+    from vedrt.runtime import InputError, load
+
+    export = tmp_path / "m64"
+    shutil.copytree(ROOT / "vedrt" / "models" / "scenes", export)
+    manifest = json.loads((export / "vedrt.json").read_text())
+    manifest["decoder"]["max_positions"] = 64  # the graph's position table has 32 rows
+    (export / "vedrt.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="max_positions=64 does not match the decoder graph"):
+        load(export, threads=1)

@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import InputError
 from .manifest import Manifest
+from .probe import check_positions
 
 
 @dataclass
@@ -79,6 +80,7 @@ class OrtExecutor:
             name: _session(path, device, threads) for name, path in manifest.graph_files.items()
         }
         self._check_decoder_io()
+        check_positions(manifest, self.sessions["decoder"])  # vedrt.json vs graph, at load
 
     def _check_decoder_io(self) -> None:
         session = self.sessions["decoder"]

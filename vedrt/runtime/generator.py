@@ -36,7 +36,8 @@ class Generator:
 
     def options(self, **overrides: Any) -> opts.GenerationOptions:
         """The options a `generate(**overrides)` call would use (TypeError for unknown names)."""
-        return opts.resolve(self.generation_config, overrides, self.manifest.max_positions)
+        m = self.manifest
+        return opts.resolve(self.generation_config, overrides, m.max_positions, m.vocab_size)
 
     def generate(self, pixel_values: np.ndarray, **options: Any) -> np.ndarray | GenerateOutput:
         """Token ids exactly as transformers' `model.generate(pixel_values=..., **options)`.
