@@ -213,3 +213,24 @@ def test_manifest_positions_that_disagree_with_the_graph_fail_at_load(tmp_path) 
     (export / "vedrt.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match="max_positions=64 does not match the decoder graph"):
         load(export, threads=1)
+
+
+def test_build_defaults_fit_the_shipped_model(capsys) -> None:
+    import argparse
+
+    from vedrt.cli import main
+    from vedrt.runtime.manifest import read_manifest
+    from vedrt.tensorrt import cli as build_cli
+
+    parser = argparse.ArgumentParser()
+    build_cli.add_arguments(parser)
+    scenes_dir = ROOT / "vedrt" / "models" / "scenes"
+    args = parser.parse_args([str(scenes_dir)])
+    limits = build_cli._limits(args, read_manifest(scenes_dir).max_positions)
+    assert limits.max_new_tokens == 31  # 32 positions: the start token and 31 new ones
+    assert build_cli._limits(parser.parse_args([str(scenes_dir)]), 1024).max_new_tokens == 32
+    code = main(["build", str(scenes_dir)])  # no TensorRT/GPU here: that is the only complaint
+    err = capsys.readouterr().err
+    assert "exceeds" not in err
+    if code != 0:
+        assert code == 2 and len(err.strip().splitlines()) == 1

@@ -34,10 +34,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 # name -> (packages its run() needs beyond the runtime's, the extra that installs them); checked
 # after the arguments are parsed, so --help always works and the message comes before any work.
+# `vedrt eval` checks its own, which depend on its arguments.
 REQUIRES: dict[str, tuple[tuple[str, ...], str]] = {
     "export": (("torch", "transformers", "onnx", "onnxscript"), "export"),
     "train": (("torch", "transformers", "accelerate", "sacrebleu"), "train"),
-    "eval": (("sacrebleu",), "train"),
     "bench": (("torch", "transformers", "psutil"), "export,bench"),
 }
 
