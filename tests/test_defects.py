@@ -234,3 +234,30 @@ def test_build_defaults_fit_the_shipped_model(capsys) -> None:
     assert "exceeds" not in err
     if code != 0:
         assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+# --- 5: --threads bounded, default measured ---------------------------------------------------------
+
+
+def test_threads_above_the_cores_are_refused(capsys) -> None:
+    from vedrt.cli import main
+    from vedrt.runtime import InputError, load
+    from vedrt.runtime.options import machine_cores
+
+    scenes_dir = ROOT / "vedrt" / "models" / "scenes"
+    too_many = machine_cores() + 1
+    for bad, words in ((too_many, "more than the"), (True, "non-negative integer"), (-1, "non-")):
+        with pytest.raises(InputError, match=words):
+            load(scenes_dir, threads=bad)
+    assert main(["caption", str(EXAMPLES / "scene1.png"), "--threads", "999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "threads=999 is more than the" in err[0]
+
+
+def test_default_threads_is_the_measured_one() -> None:
+    from vedrt.runtime import load
+    from vedrt.runtime.options import default_threads
+
+    gen = load(ROOT / "vedrt" / "models" / "scenes")
+    for session in gen.executor.sessions.values():
+        assert session.get_session_options().intra_op_num_threads == default_threads() == 1

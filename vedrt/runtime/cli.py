@@ -37,7 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--json", action="store_true", help='print JSON lines {"image": ..., "caption": ...}'
     )
     parser.add_argument(
-        "--threads", type=int, default=None, metavar="N", help="ONNX Runtime intra-op threads"
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ONNX Runtime intra-op threads, at most this machine's cores "
+        "(default 1: measured fastest here for small and base-sized models)",
     )
     parser.add_argument(
         "--explain",

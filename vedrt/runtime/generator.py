@@ -133,6 +133,8 @@ def load(
 ) -> Generator:
     """Load an export directory once; `threads` sets ONNX Runtime's intra-op threads.
 
+    `threads` is at most the cores this process can use; None gives `options.default_threads()`.
+
     Any other backend or device (torch, tensorrt, onnxruntime on cuda) is `vedrt.gpu`'s, imported
     only then; `gpu_options` (precision, checkpoint, cuda_graphs) are passed to `vedrt.gpu.load`.
     """
@@ -140,8 +142,7 @@ def load(
         raise InputError(
             f"unknown backend {backend!r} (available: {', '.join(BACKENDS + GPU_BACKENDS)})"
         )
-    if threads is not None and (not isinstance(threads, int) or threads < 0):
-        raise InputError(f"threads must be a non-negative integer, got {threads!r}")
+    threads = opts.check_threads(threads)  # None: opts.default_threads(), measured
     if backend in GPU_BACKENDS or device != "cpu":
         from ..gpu import load as load_gpu
 
@@ -149,4 +150,5 @@ def load(
     if gpu_options:
         raise TypeError(f"load() got unexpected keyword arguments {sorted(gpu_options)}")
     manifest = read_manifest(path)
+    threads = opts.default_threads() if threads is None else threads
     return Generator(manifest, OrtExecutor(manifest, device=device, threads=threads))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -343,6 +344,49 @@ def check(o: GenerationOptions, max_positions: int | None) -> None:
             raise InputError(f"top_k must be >= 0, got {o.top_k}")
         if not 0.0 <= o.top_p <= 1.0:
             raise InputError(f"top_p must be in [0, 1], got {o.top_p}")
+
+
+# ONNX Runtime intra-op threads when `load()` is given none. Measured (issue #9) on this project's
+# 2-core shared machines, median generate() of 16 new tokens, batch 1, load average 9-10:
+#   scene model       greedy  1 thread 71 ms,   2 threads 213 ms,  ORT default 255 ms
+#                     beam 4  1 thread 148 ms,  2 threads 430 ms,  ORT default 469 ms
+#   ViT-base + GPT2   greedy  1 thread 4.9 s,   2 threads 7.8 s,   ORT default 8.3 s
+#                     beam 4  1 thread 5.5 s,   2 threads 9.9 s,   ORT default 10.4 s
+# One thread was the fast one for both sizes: ORT's spinning pool loses its time slices to the
+# other processes. On a dedicated machine a base-sized model can gain from threads=N.
+DEFAULT_THREADS = 1
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """The thread count `load()` uses when given none (see DEFAULT_THREADS)."""
+    return min(DEFAULT_THREADS, machine_cores())
+
+
+def check_threads(threads: Any) -> int | None:
+    """`threads`: None (the default), 0 (ONNX Runtime's choice) or 1 .. the machine's cores.
+
+    More threads than cores only make them wait for each other: `--threads 999` took 112 s for a
+    caption that takes a tenth of a second with one.
+    """
+    if threads is None:
+        return None
+    if not is_int(threads) or threads < 0:
+        raise InputError(f"threads must be a non-negative integer, got {threads!r}")
+    cores = machine_cores()
+    if threads > cores:
+        raise InputError(
+            f"threads={threads} is more than the {cores} cores this process can use "
+            f"(choose 1 to {cores}; 0 lets ONNX Runtime decide)"
+        )
+    return int(threads)
 
 
 def replace(options: GenerationOptions, **changes: Any) -> GenerationOptions:
