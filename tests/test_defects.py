@@ -261,3 +261,13 @@ def test_default_threads_is_the_measured_one() -> None:
     gen = load(ROOT / "vedrt" / "models" / "scenes")
     for session in gen.executor.sessions.values():
         assert session.get_session_options().intra_op_num_threads == default_threads() == 1
+
+
+def test_cli_and_api_report_a_bad_option_with_the_same_line(scenes, capsys) -> None:
+    from vedrt.cli import main
+    from vedrt.runtime import InputError
+
+    with pytest.raises(InputError) as api:
+        scenes.options(num_beams=0)
+    assert main(["caption", str(EXAMPLES / "scene1.png"), "--num-beams", "0"]) == 2
+    assert capsys.readouterr().err.strip() == f"vedrt caption: error: {api.value}"

@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "scenes"
 
 
@@ -91,21 +93,29 @@ def _model_dir(args: argparse.Namespace, usage_error) -> Path:
     return DEFAULT_MODEL
 
 
-def _options(args: argparse.Namespace, usage_error) -> dict:
-    options = {}
-    for name in ("num_beams", "max_new_tokens"):
-        value = getattr(args, name)
-        if value is not None:
-            if value < 1:
-                raise usage_error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-            options[name] = value
-    return options
+def _options(args: argparse.Namespace) -> dict:
+    """The generation options given; checked by `Generator.options`, as in the Python API."""
+    names = ("num_beams", "max_new_tokens")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def explain_path(out: str, index: int) -> Path:
     """OUT.png for the first image, OUT-2.png, OUT-3.png ... for the next ones."""
     path = Path(out)
     return path if index == 0 else path.with_name(f"{path.stem}-{index + 1}{path.suffix}")
+
+
+def read_image(generator, path: str, keep: int | None, explain: bool) -> tuple:
+    """(path, the image if it is to be explained, its pixel values): one image's own errors."""
+    from .errors import InputError
+    from .preprocess import load_image
+
+    image = load_image(path, keep_short_side=keep)
+    try:
+        pixels = generator.processor([image])[0]
+    except (ValueError, TypeError, OSError) as exc:  # a mode or shape the processor cannot take
+        raise InputError(f"{path}: cannot preprocess this image ({exc})") from None
+    return path, image if explain else None, pixels
 
 
 def caption_and_explain(generator, good: list, options: dict) -> tuple[list[str], list]:
@@ -116,7 +126,7 @@ def caption_and_explain(generator, good: list, options: dict) -> tuple[list[str]
     if "patch_grid" not in encoder:
         raise InputError("--explain needs encoder.patch_grid in vedrt.json (re-export the model)")
     result = generator.generate(
-        generator.preprocess([image for _, image in good]),
+        np.stack([pixels for _, _, pixels in good]),
         **options,
         return_dict=True,
         output_attentions=True,
@@ -124,7 +134,7 @@ def caption_and_explain(generator, good: list, options: dict) -> tuple[list[str]
     eos = set(generator.options(**options).eos_token_id or ())
     vocab = generator.detokenizer.tokenizer
     maps = []
-    for i, (_, image) in enumerate(good):
+    for i, (_, image, _) in enumerate(good):
         ids = [int(t) for t in result.sequences[i, 1:]]
         steps = next((k for k, t in enumerate(ids) if t in eos), len(ids))
         tokens = [vocab.id_to_token(t) or str(t) for t in ids[:steps]]
@@ -160,13 +170,12 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import UsageError
     from .errors import InputError
     from .generator import load
-    from .preprocess import load_image
 
     if not args.images:
         raise UsageError("no images given (vedrt caption IMAGE ... [--model EXPORT_DIR])")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    options = _options(args, UsageError)
+    options = _options(args)
     try:
         generator = load(_model_dir(args, UsageError), threads=args.threads)
         generator.options(**options)  # reject bad options before reading any image
@@ -179,10 +188,10 @@ def run(args: argparse.Namespace) -> int:
     explain = args.explain  # None once a map could not be written: the captions go on
     explained = 0
     for start in range(0, len(args.images), args.batch_size):
-        good: list[tuple[str, object]] = []
+        good: list[tuple] = []
         for path in args.images[start : start + args.batch_size]:
             try:
-                good.append((path, load_image(path, keep_short_side=keep)))
+                good.append(read_image(generator, path, keep, bool(explain)))
             except InputError as exc:
                 print(f"vedrt caption: error: {exc}", file=sys.stderr, flush=True)
                 failed += 1
@@ -193,10 +202,11 @@ def run(args: argparse.Namespace) -> int:
             if explain:
                 captions, pending = caption_and_explain(generator, good, options)
             else:
-                captions = generator.caption([image for _, image in good], **options)
+                pixel_values = np.stack([pixels for _, _, pixels in good])
+                captions = generator.decode(generator.generate(pixel_values, **options))
         except InputError as exc:
             raise UsageError(str(exc)) from None
-        for (path, _), caption in zip(good, captions, strict=True):
+        for (path, _, _), caption in zip(good, captions, strict=True):
             _print(path, caption, args.json)
         if pending:
             try:
