@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import os
 import sys
 
 from .errors import UsageError, VedrtError  # noqa: F401  (UsageError: importable from here too)
@@ -32,11 +34,50 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# name -> (packages its run() needs beyond the runtime's, the extra that installs them); checked
+# after the arguments are parsed, so --help always works and the message comes before any work.
+# `vedrt eval` checks its own, which depend on its arguments.
+REQUIRES: dict[str, tuple[tuple[str, ...], str]] = {
+    "export": (("torch", "transformers", "onnx", "onnxscript"), "export"),
+    "train": (("torch", "transformers", "accelerate", "sacrebleu"), "train"),
+    "bench": (("torch", "transformers", "psutil"), "export,bench"),
+}
+
+
+def missing_packages(packages: tuple[str, ...]) -> list[str]:
+    """Which of `packages` cannot be imported (a module set to None in sys.modules counts)."""
+    missing = []
+    for name in packages:
+        if name in sys.modules:
+            if sys.modules[name] is None:
+                missing.append(name)
+            continue
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):
+            missing.append(name)
+    return missing
+
+
+def require(command: str, packages: tuple[str, ...], extra: str) -> None:
+    """One line naming the extra to install, instead of a ModuleNotFoundError halfway through."""
+    missing = missing_packages(packages)
+    if missing:
+        raise UsageError(
+            f"needs {', '.join(missing)}, not installed in this (runtime-only?) environment: "
+            f"pip install 'vedrt[{extra}]'"
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vedrt",
         description="Fast, exact inference for encoder-decoder image captioning and OCR models.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"vedrt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_module, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -59,16 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] in ("vedrt", "benchmarks"):
             raise  # our own module missing is a bug, not a missing extra
-        print(
-            f"vedrt {name}: needs the package {exc.name!r}, which is not installed "
-            f"(pip install 'vedrt[export]' for export/train, 'vedrt[tensorrt]' for build)",
-            file=sys.stderr,
-        )
+        print(_missing_message(name, exc.name), file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(prog=f"vedrt {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:
+        if name in REQUIRES:
+            require(name, *REQUIRES[name])
         return int(module.run(args) or 0)
     except VedrtError as exc:
         print(f"vedrt {name}: error: {exc}", file=sys.stderr)
@@ -76,6 +115,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vedrt {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `vedrt caption ... | head -1`: the reader is gone, stop quietly
+        _discard_stdout()
+        return 141
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in ("vedrt", "benchmarks"):
+            raise
+        print(_missing_message(name, exc.name), file=sys.stderr)
+        return 2
+
+
+def _missing_message(command: str, package: str | None) -> str:
+    extra = REQUIRES.get(command, ((), "tensorrt" if command == "build" else "export"))[1]
+    return (
+        f"vedrt {command}: error: needs the package {package!r}, which is not installed "
+        f"(pip install 'vedrt[{extra}]')"
+    )
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (tests): nothing to do
+        pass
 
 
 if (

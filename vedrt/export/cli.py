@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 
 from ..errors import UsageError
 
@@ -23,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "out_dir",
         metavar="OUT_DIR",
-        help="where to write the export directory (must be empty or absent)",
+        help="where to write the export directory (must be empty or absent, or with --overwrite "
+        "a previous vedrt export)",
     )
     parser.add_argument(
         "--opset", type=int, default=None, help="ONNX opset (default 18, the minimum)"
@@ -34,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the comparison with PyTorch (not recommended)",
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace OUT_DIR if it is not empty"
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR if it is a previous vedrt export (has vedrt.json); "
+        "anything else is refused",
     )
     parser.add_argument(
         "--quantize",
@@ -65,6 +72,23 @@ class _Stages:
         self._finish()
 
 
+@contextmanager
+def _sigterm_as_exit():
+    """SIGTERM unwinds like Ctrl-C, so the export's cleanup removes its temporary directory."""
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: argparse.Namespace) -> int:
     from .exporter import ExportError, export_model
     from .exporter import stages as export_stages
@@ -72,21 +96,26 @@ def run(args: argparse.Namespace) -> int:
 
     stages = _Stages(export_stages(args.quantize))
     try:
-        report = export_model(
-            args.model_dir,
-            args.out_dir,
-            opset=args.opset,
-            validate=not args.no_validate,
-            quantize=args.quantize,
-            overwrite=args.overwrite,
-            progress=stages,
-        )
+        with _sigterm_as_exit():
+            report = export_model(
+                args.model_dir,
+                args.out_dir,
+                opset=args.opset,
+                validate=not args.no_validate,
+                quantize=args.quantize,
+                overwrite=args.overwrite,
+                progress=stages,
+            )
     except (ExportError, ValidationError, NotImplementedError) as exc:
         stages.close()
         raise UsageError(str(exc)) from None
     except OSError as exc:  # disk full, permissions: nothing was left behind, say why in one line
         stages.close()
         raise UsageError(f"export failed, nothing written: {exc.strerror or exc}") from None
+    except SystemExit:
+        stages.close()
+        print("vedrt export: terminated, nothing written", file=sys.stderr)
+        raise
     stages.close()
     print(report.summary())
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..manifest import FORMAT_VERSION, write_manifest
+from . import destination
 from .architectures import UnsupportedArchitecture, decoder_family, encoder_family
 from .graphs import DEFAULT_OPSET, export_graphs
 from .modules import decoder_dims
@@ -145,16 +145,6 @@ def _patch_grid(enc_config, family, image_size: tuple[int, int]) -> tuple[int, i
     )
     stride = patch * (2 ** (len(enc_config.depths) - 1) if family.hierarchical else 1)
     return image_size[0] // stride, image_size[1] // stride
-
-
-def _prepare_destination(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"output path exists and is not a directory: {out_dir}")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(
-            f"output directory {out_dir} is not empty (use --overwrite to replace it)"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _write_side_files(
@@ -301,7 +291,12 @@ def export_model(
         )
     progress = progress or (lambda stage: None)
     out = Path(out_dir).absolute()
-    _prepare_destination(out, overwrite)
+    source = Path(model_or_dir) if isinstance(model_or_dir, str | os.PathLike) else None
+    try:
+        destination.check(out, overwrite, source)
+    except destination.DestinationError as exc:
+        raise ExportError(str(exc)) from None
+    leftovers = destination.clean_leftovers(out)
     started = time.perf_counter()
     progress("load")
     model, src = _load(model_or_dir)
@@ -313,7 +308,7 @@ def export_model(
     image_size = _image_size(model.config.encoder)
     param_bytes = sum(p.numel() for p in model.parameters()) * 4
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = destination.make_temp(out)
     try:
         specs = export_graphs(model, tmp, image_size, opset, progress)
         progress("optimize")
@@ -353,11 +348,12 @@ def export_model(
             )
         progress("write")
         warnings = _write_side_files(model, src, tmp, image_size, tokenizer, image_processor)
-        warnings += quant_warnings
+        warnings += quant_warnings + leftovers
         externalize(tmp)  # weights beside the graphs: faster load, lower peak memory
         graph_bytes = {spec.file: graph_size(tmp / spec.file) for spec in specs.values()}
         write_manifest(tmp, manifest(validation, graph_bytes))
-        _move_into_place(tmp, out)
+        destination.apply_umask(tmp, out)
+        destination.move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -414,14 +410,3 @@ def _optimization_fields(
     if validation is not None:
         fields["validation"] = validation
     return fields
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Swap the finished directory in; an old export is removed only after the new one is there."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

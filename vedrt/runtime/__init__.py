@@ -1,7 +1,7 @@
 """Torch-free generation on ONNX Runtime, token for token what transformers' `generate()` gives.
 
     from vedrt.runtime import load
-    gen = load("export-dir", threads=1)
+    gen = load("export-dir")                 # threads: default 1, at most the cores
     ids = gen.generate(pixel_values, num_beams=4, max_new_tokens=30)
     texts = gen.caption(["cat.jpg"], num_beams=4)
     engine = gen.engine(max_rows=32)        # many requests stepped together

@@ -1,7 +1,9 @@
 """`vedrt caption`: one line per image, `path<TAB>caption` or JSON lines.
 
-A bad image is reported on stderr and the others are still captioned; the exit status is 2 at
-the end if any image failed. Imports nothing heavy: ONNX Runtime, PIL and tokenizers only.
+A bad image (unreadable, truncated, a decompression bomb) is reported on stderr in one line and
+the others are still captioned; the exit status is 1 at the end if any image failed, 2 for a
+usage error. An attention map that cannot be written is reported after the captions it explains.
+Imports nothing heavy: ONNX Runtime, PIL and tokenizers only.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "scenes"
 
@@ -35,7 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--json", action="store_true", help='print JSON lines {"image": ..., "caption": ...}'
     )
     parser.add_argument(
-        "--threads", type=int, default=None, metavar="N", help="ONNX Runtime intra-op threads"
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ONNX Runtime intra-op threads, at most this machine's cores "
+        "(default 1: measured fastest here for small and base-sized models)",
     )
     parser.add_argument(
         "--explain",
@@ -52,10 +61,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print(path: str, caption: str, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"image": path, "caption": caption}, ensure_ascii=False), flush=True)
-    else:
-        print(f"{path}\t{caption}", flush=True)
+    from ..errors import UsageError
+
+    line = (
+        json.dumps({"image": path, "caption": caption}, ensure_ascii=False)
+        if as_json
+        else f"{path}\t{caption}"
+    )
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): vedrt.cli stops quietly
+    except OSError as exc:  # `> /dev/full`, a full disk: one line, and no second failed flush
+        _discard_stdout()
+        raise UsageError(f"cannot write the captions: {exc.strerror or exc}") from None
+
+
+def _discard_stdout() -> None:
+    from ..cli import _discard_stdout as discard
+
+    discard()
 
 
 def _model_dir(args: argparse.Namespace, usage_error) -> Path:
@@ -68,15 +93,10 @@ def _model_dir(args: argparse.Namespace, usage_error) -> Path:
     return DEFAULT_MODEL
 
 
-def _options(args: argparse.Namespace, usage_error) -> dict:
-    options = {}
-    for name in ("num_beams", "max_new_tokens"):
-        value = getattr(args, name)
-        if value is not None:
-            if value < 1:
-                raise usage_error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-            options[name] = value
-    return options
+def _options(args: argparse.Namespace) -> dict:
+    """The generation options given; checked by `Generator.options`, as in the Python API."""
+    names = ("num_beams", "max_new_tokens")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def explain_path(out: str, index: int) -> Path:
@@ -85,84 +105,120 @@ def explain_path(out: str, index: int) -> Path:
     return path if index == 0 else path.with_name(f"{path.stem}-{index + 1}{path.suffix}")
 
 
-def caption_and_explain(
-    generator, good: list, options: dict, out: str, first_index: int
-) -> list[str]:
-    """Caption a batch and write each image's attention map (greedy: its row; beams: the chosen beam's)."""
+def read_image(generator, path: str, keep: int | None, explain: bool) -> tuple:
+    """(path, the image if it is to be explained, its pixel values): one image's own errors."""
     from .errors import InputError
-    from .explain import write_attention_map
+    from .preprocess import load_image
+
+    image = load_image(path, keep_short_side=keep)
+    try:
+        pixels = generator.processor([image])[0]
+    except (ValueError, TypeError, OSError) as exc:  # a mode or shape the processor cannot take
+        raise InputError(f"{path}: cannot preprocess this image ({exc})") from None
+    return path, image if explain else None, pixels
+
+
+def caption_and_explain(generator, good: list, options: dict) -> tuple[list[str], list]:
+    """Caption a batch and keep what its attention maps need, written after the captions print."""
+    from .errors import InputError
 
     encoder = generator.manifest.raw["encoder"]
     if "patch_grid" not in encoder:
         raise InputError("--explain needs encoder.patch_grid in vedrt.json (re-export the model)")
     result = generator.generate(
-        generator.preprocess([image for _, image in good]),
+        np.stack([pixels for _, _, pixels in good]),
         **options,
         return_dict=True,
         output_attentions=True,
     )
     eos = set(generator.options(**options).eos_token_id or ())
     vocab = generator.detokenizer.tokenizer
-    for i, (_, image) in enumerate(good):
+    maps = []
+    for i, (_, image, _) in enumerate(good):
         ids = [int(t) for t in result.sequences[i, 1:]]
         steps = next((k for k, t in enumerate(ids) if t in eos), len(ids))
         tokens = [vocab.id_to_token(t) or str(t) for t in ids[:steps]]
         rows = (
             i if result.beam_indices is None else [int(r) for r in result.beam_indices[i, :steps]]
         )
-        write_attention_map(
-            image,
-            tokens,
-            result.cross_attentions,
-            explain_path(out, first_index + i),
-            grid=tuple(encoder["patch_grid"]),
-            prefix_tokens=int(encoder.get("prefix_tokens", 1)),
-            rows=rows,
-        )
-    return generator.decode(result.sequences)
+        maps.append((image, tokens, rows))
+    return generator.decode(result.sequences), [(result.cross_attentions, maps)]
+
+
+def write_maps(generator, pending: list, out: str, first_index: int) -> int:
+    """Write the attention maps of one batch (greedy: the image's row; beams: the chosen beam's)."""
+    from .explain import write_attention_map
+
+    encoder = generator.manifest.raw["encoder"]
+    index = first_index
+    for cross_attentions, maps in pending:
+        for image, tokens, rows in maps:
+            write_attention_map(
+                image,
+                tokens,
+                cross_attentions,
+                explain_path(out, index),
+                grid=tuple(encoder["patch_grid"]),
+                prefix_tokens=int(encoder.get("prefix_tokens", 1)),
+                rows=rows,
+            )
+            index += 1
+    return index
 
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from .errors import InputError
     from .generator import load
-    from .preprocess import load_image
 
     if not args.images:
         raise UsageError("no images given (vedrt caption IMAGE ... [--model EXPORT_DIR])")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    options = _options(args, UsageError)
+    options = _options(args)
     try:
         generator = load(_model_dir(args, UsageError), threads=args.threads)
         generator.options(**options)  # reject bad options before reading any image
         generator.detokenizer  # noqa: B018  (fail early on an export without a tokenizer)
+        keep = generator.processor.keep_short_side
     except InputError as exc:
         raise UsageError(str(exc)) from None
 
-    failed = 0
+    failed, map_failed = 0, False
+    explain = args.explain  # None once a map could not be written: the captions go on
     explained = 0
     for start in range(0, len(args.images), args.batch_size):
-        good: list[tuple[str, object]] = []
+        good: list[tuple] = []
         for path in args.images[start : start + args.batch_size]:
             try:
-                good.append((path, load_image(path)))
+                good.append(read_image(generator, path, keep, bool(explain)))
             except InputError as exc:
                 print(f"vedrt caption: error: {exc}", file=sys.stderr, flush=True)
                 failed += 1
         if not good:
             continue
+        pending: list = []
         try:
-            if args.explain:
-                captions = caption_and_explain(generator, good, options, args.explain, explained)
-                explained += len(good)
+            if explain:
+                captions, pending = caption_and_explain(generator, good, options)
             else:
-                captions = generator.caption([image for _, image in good], **options)
-        except (InputError, OSError) as exc:
+                pixel_values = np.stack([pixels for _, _, pixels in good])
+                captions = generator.decode(generator.generate(pixel_values, **options))
+        except InputError as exc:
             raise UsageError(str(exc)) from None
-        for (path, _), caption in zip(good, captions, strict=True):
+        for (path, _, _), caption in zip(good, captions, strict=True):
             _print(path, caption, args.json)
+        if pending:
+            try:
+                explained = write_maps(generator, pending, explain, explained)
+            except OSError as exc:
+                print(
+                    f"vedrt caption: error: cannot write the attention map "
+                    f"{explain_path(explain, explained)}: {exc.strerror or exc}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                explain, map_failed = None, True
     if failed:
         print(f"vedrt caption: {failed} of {len(args.images)} images failed", file=sys.stderr)
-        return 2
-    return 0
+    return 1 if failed or map_failed else 0

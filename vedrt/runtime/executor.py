@@ -19,6 +19,7 @@ from ..manifest import Manifest
 from .errors import InputError
 from .ops import NUMPY
 from .pool import KVPool
+from .probe import check_positions
 
 
 @dataclass
@@ -76,6 +77,7 @@ class OrtExecutor:
             name: _session(path, device, threads) for name, path in manifest.graph_files.items()
         }
         self._check_decoder_io()
+        check_positions(manifest, self.sessions["decoder"])  # vedrt.json vs graph, at load
 
     def _check_decoder_io(self) -> None:
         session = self.sessions["decoder"]
@@ -155,8 +157,11 @@ class OrtExecutor:
 
 def ort_executor(manifest: Manifest, device: str = "cpu", threads: int | None = None, **options):
     """The registry's factory for ONNX Runtime on the CPU (see `loader.py`)."""
+    from .options import default_threads
+
     if options:
         raise TypeError(f"load() got unexpected keyword arguments {sorted(options)}")
+    threads = default_threads() if threads is None else threads
     return OrtExecutor(manifest, device=device, threads=threads)
 
 

@@ -33,10 +33,13 @@ def token_maps(
     Uses one layer (the last by default: the one closest to the word choice), the mean over heads
     and the last query position of each step (a first step may hold a longer prompt). `rows`
     picks the batch*beams row per step; for beam search pass the chosen beam's row per step
-    (`beam_indices`), for greedy the image index. CLS/distillation tokens are dropped and the
-    rest renormalised, since they have no place in the image."""
+    (`beam_indices`, as long as its sequence: steps after it are ignored), for greedy the image
+    index. CLS/distillation tokens are dropped and the rest renormalised, since they have no place
+    in the image."""
     gh, gw = grid
     maps = []
+    if not isinstance(rows, int):  # a chosen beam's rows end where its sequence ended
+        cross_attentions = cross_attentions[: len(rows)]
     for step, layers in enumerate(cross_attentions):
         row = rows if isinstance(rows, int) else int(rows[step])
         att = np.asarray(layers[layer], dtype=np.float32)[row]  # [heads, new_len, enc_len]

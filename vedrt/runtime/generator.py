@@ -35,7 +35,8 @@ class Generator:
 
     def options(self, **overrides: Any) -> opts.GenerationOptions:
         """The options a `generate(**overrides)` call would use (TypeError for unknown names)."""
-        return opts.resolve(self.generation_config, overrides, self.manifest.max_positions)
+        m = self.manifest
+        return opts.resolve(self.generation_config, overrides, m.max_positions, m.vocab_size)
 
     def generate(self, pixel_values: np.ndarray, **options: Any) -> np.ndarray | GenerateOutput:
         """Token ids exactly as transformers' `model.generate(pixel_values=..., **options)`.
@@ -102,7 +103,8 @@ class Generator:
         """Paths or PIL images -> pixel values, as the checkpoint's image processor makes them."""
         from .preprocess import load_image
 
-        return self.processor([load_image(image) for image in images])
+        keep = self.processor.keep_short_side
+        return self.processor([load_image(image, keep_short_side=keep) for image in images])
 
     def decode(self, sequences: np.ndarray) -> list[str]:
         return self.detokenizer.decode(sequences)

@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import InputError
 from ..manifest import Manifest, read_manifest
 from .generator import Generator
+from .options import check_threads
 
 # (backend, device kind) -> "module:function(manifest, device, threads, **options) -> Executor"
 REGISTRY: dict[tuple[str, str], str] = {
@@ -66,10 +67,7 @@ def load(
     `precision`, `checkpoint`, `cuda_graphs`) or "tensorrt" (CUDA, after `vedrt build`;
     `precision`). threads: ONNX Runtime's intra-op threads. See docs/gpu.md for the GPU options.
     """
-    if threads is not None and (
-        not isinstance(threads, int) or isinstance(threads, bool) or threads < 0
-    ):
-        raise InputError(f"threads must be a non-negative integer, got {threads!r}")
+    threads = check_threads(threads)  # None: each backend's default (ONNX Runtime: measured)
     factory = _factory(backend, device)
     manifest: Manifest = read_manifest(path)
     executor = factory(manifest, device=device, threads=threads, **backend_options)

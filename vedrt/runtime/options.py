@@ -9,9 +9,13 @@ decoder start token included.
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from .errors import InputError
 
@@ -73,6 +77,37 @@ CALL_ONLY: dict[str, Any] = {
 
 PROMPT_LEN = 1  # the decoder prompt is the start token alone
 
+# The type each option must have. Checked on the merged values (keywords and the checkpoint's
+# config alike) before anything is converted, so 2.5, "5" or True is an error, never an int.
+INT_OPTIONS = (
+    "max_length",
+    "max_new_tokens",
+    "min_length",
+    "min_new_tokens",
+    "num_beams",
+    "num_return_sequences",
+    "no_repeat_ngram_size",
+    "top_k",
+    "seed",
+)
+TOKEN_OPTIONS = ("pad_token_id", "bos_token_id", "decoder_start_token_id", "forced_bos_token_id")
+FLOAT_OPTIONS = ("length_penalty", "repetition_penalty", "temperature", "top_p")
+BOOL_OPTIONS = ("do_sample", "return_dict", "output_scores", "output_attentions")
+# None means "the default" for these (the checkpoint's config may hold null)
+NONE_ALLOWED = {
+    "max_length",
+    "max_new_tokens",
+    "min_length",
+    "min_new_tokens",
+    "no_repeat_ngram_size",
+    "top_k",
+    "seed",
+    "repetition_penalty",
+    "temperature",
+    "top_p",
+    *TOKEN_OPTIONS,
+}
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -109,24 +144,63 @@ class GenerationOptions:
         return self.max_length - PROMPT_LEN
 
 
+def is_int(value: Any) -> bool:
+    """A real integer: Python or numpy, but not a bool, a float or a string."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def _is_float(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def check_types(merged: dict[str, Any]) -> None:
+    """One line naming the option whose value has the wrong type."""
+    for name, value in merged.items():
+        if value is None and name in NONE_ALLOWED:
+            continue
+        if name in INT_OPTIONS + TOKEN_OPTIONS and not is_int(value):
+            raise InputError(f"{name} must be an integer, got {value!r}")
+        if name in FLOAT_OPTIONS and not _is_float(value):
+            raise InputError(f"{name} must be a number, got {value!r}")
+        if name in BOOL_OPTIONS and not isinstance(value, bool | np.bool_):
+            raise InputError(f"{name} must be True or False, got {value!r}")
+
+
+def check_token_ids(o: GenerationOptions, vocab_size: int | None) -> None:
+    """Every token id an option names must be one the decoder has (0 <= id < vocab_size)."""
+    singles = {
+        "decoder_start_token_id": o.decoder_start_token_id,
+        "pad_token_id": o.pad_token_id,
+        "forced_bos_token_id": o.forced_bos_token_id,
+    }
+    ids = [(k, v) for k, v in singles.items() if v is not None]
+    ids += [("eos_token_id", t) for t in o.eos_token_id or ()]
+    ids += [("forced_eos_token_id", t) for t in o.forced_eos_token_id or ()]
+    ids += [("bad_words_ids", t) for word in o.bad_words_ids or () for t in word]
+    for name, token in ids:
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            bound = f"< {vocab_size}, the vocabulary size" if vocab_size is not None else ">= 0"
+            raise InputError(f"{name}: token id {token} is out of range (ids are >= 0 and {bound})")
+
+
 def _as_tuple(value: Any, name: str) -> tuple[int, ...] | None:
     if value is None:
         return None
-    if isinstance(value, int):
+    if is_int(value):
         return (int(value),)
-    try:
+    if isinstance(value, list | tuple) and value and all(is_int(v) for v in value):
         return tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be an int or a list of ints, got {value!r}") from None
+    raise InputError(f"{name} must be an int or a non-empty list of ints, got {value!r}")
 
 
 def _bad_words(value: Any) -> tuple[tuple[int, ...], ...] | None:
     if value is None:
         return None
-    try:
-        words = tuple(tuple(int(t) for t in word) for word in value)
-    except (TypeError, ValueError):
-        raise InputError(f"bad_words_ids must be a list of lists of ints, got {value!r}") from None
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(w, list | tuple) and all(is_int(t) for t in w) for w in value
+    ):
+        raise InputError(f"bad_words_ids must be a list of lists of ints, got {value!r}")
+    words = tuple(tuple(int(t) for t in word) for word in value)
     if not words or any(not w or min(w) < 0 for w in words):
         raise InputError(
             f"bad_words_ids must be a non-empty list of non-empty lists of ids >= 0, got {value!r}"
@@ -149,9 +223,16 @@ def warn_unsupported(generation_config: dict[str, Any]) -> None:
 
 
 def resolve(
-    generation_config: dict[str, Any], overrides: dict[str, Any], max_positions: int | None = None
+    generation_config: dict[str, Any],
+    overrides: dict[str, Any],
+    max_positions: int | None = None,
+    vocab_size: int | None = None,
 ) -> GenerationOptions:
-    """Merge the call's keywords over the checkpoint's generation config and check them."""
+    """Merge the call's keywords over the checkpoint's generation config and check them.
+
+    With `vocab_size`, every token id an option names (start, pad, EOS, forced and bad words) is
+    checked against the vocabulary here, not discovered as an index error mid-generation.
+    """
     known = set(HF_DEFAULTS) | set(CALL_ONLY)
     for key in overrides:
         if key not in known:
@@ -160,6 +241,7 @@ def resolve(
     merged.update({k: v for k, v in generation_config.items() if k in HF_DEFAULTS})
     merged.update(CALL_ONLY)
     merged.update(overrides)
+    check_types(merged)
     o = merged
 
     eos = _as_tuple(o["eos_token_id"], "eos_token_id")
@@ -210,6 +292,7 @@ def resolve(
         output_attentions=bool(o["output_attentions"]),
     )
     check(opts, max_positions)
+    check_token_ids(opts, vocab_size)
     return opts
 
 
@@ -224,6 +307,17 @@ def check(o: GenerationOptions, max_positions: int | None) -> None:
             f"max_new_tokens={o.max_new} needs {o.max_length} decoder positions, but this decoder has "
             f"{max_positions} (at most max_new_tokens={max_positions - PROMPT_LEN})"
         )
+    if o.min_new_tokens is not None and o.min_new_tokens < 0:
+        raise InputError(f"min_new_tokens must be >= 0, got {o.min_new_tokens}")
+    if o.min_length < 0:
+        raise InputError(f"min_length must be >= 0, got {o.min_length}")
+    if o.min_length > o.max_length:
+        raise InputError(
+            f"min_new_tokens={o.min_length - PROMPT_LEN} (min_length={o.min_length}) is more than "
+            f"max_new_tokens={o.max_new} (max_length={o.max_length}): the minimum cannot exceed the limit"
+        )
+    if o.seed is not None and o.seed < 0:
+        raise InputError(f"seed must be >= 0, got {o.seed}")
     if o.num_beams < 1:
         raise InputError(f"num_beams must be >= 1, got {o.num_beams}")
     if o.num_return_sequences < 1:
@@ -250,6 +344,49 @@ def check(o: GenerationOptions, max_positions: int | None) -> None:
             raise InputError(f"top_k must be >= 0, got {o.top_k}")
         if not 0.0 <= o.top_p <= 1.0:
             raise InputError(f"top_p must be in [0, 1], got {o.top_p}")
+
+
+# ONNX Runtime intra-op threads when `load()` is given none. Measured (issue #9) on this project's
+# 2-core shared machines, median generate() of 16 new tokens, batch 1, load average 9-10:
+#   scene model       greedy  1 thread 71 ms,   2 threads 213 ms,  ORT default 255 ms
+#                     beam 4  1 thread 148 ms,  2 threads 430 ms,  ORT default 469 ms
+#   ViT-base + GPT2   greedy  1 thread 4.9 s,   2 threads 7.8 s,   ORT default 8.3 s
+#                     beam 4  1 thread 5.5 s,   2 threads 9.9 s,   ORT default 10.4 s
+# One thread was the fast one for both sizes: ORT's spinning pool loses its time slices to the
+# other processes. On a dedicated machine a base-sized model can gain from threads=N.
+DEFAULT_THREADS = 1
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """The thread count `load()` uses when given none (see DEFAULT_THREADS)."""
+    return min(DEFAULT_THREADS, machine_cores())
+
+
+def check_threads(threads: Any) -> int | None:
+    """`threads`: None (the default), 0 (ONNX Runtime's choice) or 1 .. the machine's cores.
+
+    More threads than cores only make them wait for each other: `--threads 999` took 112 s for a
+    caption that takes a tenth of a second with one.
+    """
+    if threads is None:
+        return None
+    if not is_int(threads) or threads < 0:
+        raise InputError(f"threads must be a non-negative integer, got {threads!r}")
+    cores = machine_cores()
+    if threads > cores:
+        raise InputError(
+            f"threads={threads} is more than the {cores} cores this process can use "
+            f"(choose 1 to {cores}; 0 lets ONNX Runtime decide)"
+        )
+    return int(threads)
 
 
 def replace(options: GenerationOptions, **changes: Any) -> GenerationOptions:

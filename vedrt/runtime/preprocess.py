@@ -102,6 +102,16 @@ class ImageProcessor:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{path}: corrupt image processor config ({exc})") from None
 
+    @property
+    def keep_short_side(self) -> int | None:
+        """The short side a huge image may be reduced to before this processor resizes it."""
+        if not self.do_resize:
+            return None
+        h, w = self.size.get("height"), self.size.get("width")
+        if h is None or w is None:
+            return REDUCE_MARGIN * int(self.size.get("shortest_edge", 0)) or None
+        return REDUCE_MARGIN * (max(h, w) if self.kind == "vit" else min(h, w))
+
     def __call__(self, images: list[Any]) -> np.ndarray:
         """PIL images -> pixel values `[batch, 3, height, width]` float32."""
         return np.stack([self.one(to_rgb(image)) for image in images])
@@ -208,26 +218,86 @@ def center_crop(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return padded[max(0, top) : min(nh, top + ch), max(0, left) : min(nw, left + cw)]
 
 
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+MAX_PIXELS = 89_478_485  # Pillow's own warning threshold: larger is refused as a likely bomb
+LARGE_PIXELS = 4096 * 4096  # above this, decode reduced (where the processor shrinks anyway)
+REDUCE_MARGIN = 4  # a reduced image keeps at least 4x the pixels the processor resizes to
+
+
 def to_rgb(image):
-    """RGBA, palette, grayscale and the rest -> RGB (alpha dropped, as transformers' convert_to_rgb)."""
+    """Any PIL mode -> RGB the way transformers' convert_to_rgb does, 16-bit included.
+
+    8-bit modes (L, P, RGBA, CMYK ...) go through PIL's convert, as transformers' do (alpha
+    dropped). 16-bit grayscale (I;16*, and I with values above 255) is scaled to 8 bits first
+    (value / 257, rounded): PIL's convert clips it, which turns an ordinary 16-bit scan white.
+    """
     if image.mode == "RGB":
         return image
+    from PIL import Image
+
+    if image.mode in SIXTEEN_BIT or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        if image.mode in SIXTEEN_BIT or values.max(initial=0) > 255:
+            values = np.clip(values, 0, 65535) / 257.0
+        gray = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+        return gray.convert("RGB")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL warns about palette transparency
         return image.convert("RGB")
 
 
-def load_image(source: Any):
-    """A path or PIL image -> a fully decoded PIL image, or one clear InputError."""
+def _upright(image):
+    """Apply the EXIF orientation tag, as transformers' load_image does (a copy either way)."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):  # corrupt EXIF: as stored
+        return image.copy()
+
+
+def _open_bounded(image, name: str, max_pixels: int, keep_short_side: int | None):
+    """Decode an opened file with at most `max_pixels`, reduced when very large and resized anyway."""
+    width, height = image.size
+    reducible = keep_short_side is not None and width * height > LARGE_PIXELS
+    if reducible and image.format == "JPEG":
+        image.draft(None, (keep_short_side, keep_short_side))  # DCT scaling, never below that
+    if image.size[0] * image.size[1] > max_pixels:
+        raise InputError(
+            f"{name}: {width}x{height} pixels is more than the limit of {max_pixels:,} "
+            "(a decompression bomb, or too large to caption)"
+        )
+    image.load()  # decode now: a truncated file fails here, not later
+    if reducible:
+        factor = min(image.size) // keep_short_side
+        if factor >= 2:
+            return image.reduce(factor)
+    return image
+
+
+def load_image(source: Any, *, max_pixels: int = MAX_PIXELS, keep_short_side: int | None = None):
+    """A path or PIL image -> a decoded, EXIF-upright PIL image, or one clear InputError.
+
+    Files over `max_pixels` are refused before decoding. `keep_short_side` (from
+    `ImageProcessor.keep_short_side`) lets an image over LARGE_PIXELS be decoded reduced, keeping
+    at least that short side, so a huge photo costs its reduced size in memory, not its full one.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, Image.Image):
-        return source
+        return _upright(source)
     path = Path(source)
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated file fails here, not later
-            return image.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return _upright(_open_bounded(image, str(path), max_pixels, keep_short_side))
+    except InputError:
+        raise
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"{path}: more pixels than the limit of {max_pixels:,} (a decompression bomb?)"
+        ) from None
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -236,3 +306,5 @@ def load_image(source: Any):
         raise InputError(f"{path}: not an image (unrecognised format or truncated file)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: unreadable or truncated image ({exc})") from None
+    except MemoryError:
+        raise InputError(f"{path}: not enough memory to decode this image") from None

@@ -1,5 +1,7 @@
 """`vedrt build EXPORT_DIR [--fp16] [--max-batch N] [--max-beams N] [--max-new-tokens N]`.
 
+The defaults fit any export: --max-new-tokens is 32, or fewer where the decoder has fewer positions.
+
 Builds TensorRT engines next to the graphs, then checks them against the fp32 graphs (ONNX
 Runtime on the CPU): max logit error on the first step and token agreement of beam search. Without
 TensorRT or a GPU it says so in one line and exits 2, before doing anything.
@@ -15,6 +17,8 @@ import numpy as np
 
 from ..errors import UsageError
 
+DEFAULT_MAX_NEW_TOKENS = 32
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("export_dir", type=Path, help="a directory written by vedrt export")
@@ -22,7 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=4, help="most images per call (4)")
     parser.add_argument("--max-beams", type=int, default=4, help="most beams per image (4)")
     parser.add_argument(
-        "--max-new-tokens", type=int, default=32, help="longest generation, in new tokens (32)"
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"longest generation, in new tokens (default {DEFAULT_MAX_NEW_TOKENS}, or as many as "
+        "the decoder's positions allow after the start token, if fewer)",
     )
     parser.add_argument(
         "--check-images",
@@ -35,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _limits(args: argparse.Namespace, max_positions: int | None):
     from .profiles import Limits
 
+    if args.max_new_tokens is None:  # the default must fit the model it is given
+        fits = DEFAULT_MAX_NEW_TOKENS if max_positions is None else max_positions - 1
+        args.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, fits)
     for flag, value in (
         ("--max-batch", args.max_batch),
         ("--max-beams", args.max_beams),

@@ -137,6 +137,11 @@ def _torch_captioner(checkpoint: str, threads: int | None) -> Callable[..., list
 
 
 def run(args: argparse.Namespace) -> int:
+    from vedrt.cli import require
+
+    # before any inference: the scores need sacrebleu, the PyTorch reference torch/transformers
+    needs = ("sacrebleu",) + (("torch", "transformers") if args.checkpoint else ())
+    require("eval", needs, "train")
     from vedrt.train.metrics import caption_scores
 
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
