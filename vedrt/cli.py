@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench": ("benchmarks.__main__", "benchmark vedrt against transformers and Optimum"),
     "build": ("vedrt.tensorrt.cli", "build TensorRT FP16 engines from an export directory"),
+    "serve": ("vedrt.serve.cli", "serve captions over HTTP: KServe v2 / Triton, /v1/caption"),
 }
 
 

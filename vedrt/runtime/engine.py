@@ -12,7 +12,9 @@ continuous-batching implementation replaces the body of `step()` without changin
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from .errors import InputError
@@ -33,6 +35,9 @@ class Handle:
         self._result: Any = None
         self._error: BaseException | None = None
         self.cancelled = False
+        # Serving hooks (vedrt.serve): when the request got its rows, and who to tell when done.
+        self.started_at: float | None = None  # time.monotonic() at admission into the batch
+        self._callbacks: list[Callable[[Handle], None]] = []
 
     def done(self) -> bool:
         return self._event.is_set()
@@ -56,9 +61,31 @@ class Handle:
         self.cancelled = True
         return True
 
+    def add_done_callback(self, fn: Callable[[Handle], None]) -> None:
+        """Call `fn(handle)` once the request finishes (at once if it already has).
+
+        It runs on the engine's thread, so it must be quick (a server hands the result over to its
+        event loop with `loop.call_soon_threadsafe`).
+        """
+        with _CALLBACK_LOCK:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
     def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
-        self._event.set()
+        with _CALLBACK_LOCK:
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # a listener's bug must not stop the engine
+                pass
+
+
+_CALLBACK_LOCK = threading.Lock()
 
 
 class Engine:
@@ -75,6 +102,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closed = False
+        # Counters for monitoring (vedrt.serve's /metrics): steps run and rows they advanced.
+        self.stats: dict[str, int] = {"steps": 0, "row_steps": 0}
 
     # -- requests -------------------------------------------------------------------------
     def submit(self, pixel_values: Any, **options: Any) -> Handle:
@@ -113,6 +142,9 @@ class Engine:
         if handle.cancelled:
             handle._finish(error=EngineStopped("cancelled"))
             return [handle]
+        handle.started_at = time.monotonic()
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += handle.rows
         try:
             handle._finish(self.gen.generate(handle.pixel_values, **handle.options))
         except Exception as exc:  # one request's failure is its own
