@@ -130,6 +130,8 @@ async def _infer(service: Service, request: Request) -> Response:
     service.admit()  # a full queue answers at once, before reading the body
     body = await _read_body(request, service.options.max_body_mb)
     parsed = protocol.parse_infer(body, request.headers.get("inference-header-content-length"))
+    if "CAPTION" in parsed.outputs:
+        service.check_tokenizer()
     answer = await service.caption(
         parsed.images, parsed.options, _disconnected(request), parsed.timeout
     )
@@ -138,6 +140,7 @@ async def _infer(service: Service, request: Request) -> Response:
 
 
 async def _caption(service: Service, request: Request) -> Response:
+    service.check_tokenizer()
     service.admit()
     options = {k: images.parse_text_value(v) for k, v in request.query_params.items()}
     body = await _read_body(request, service.options.max_body_mb)

@@ -57,14 +57,16 @@ class Answer:
 class Service:
     """One model, one engine; answers caption requests and knows when it may stop."""
 
-    def __init__(self, options: ServeOptions, generator: Any = None):
+    def __init__(self, options: ServeOptions, generator: Any = None, engine: Any = None):
+        """`engine`: anything with the Engine interface (the benchmark's baselines), else ours."""
         from ..runtime import load
 
         self.options = options
         self.name = options.model_name
         self.generator = generator or load(options.model, threads=options.threads)
-        _ = self.generator.processor, self.generator.detokenizer  # load once, not per thread
-        self.engine = self.generator.engine(max_rows=options.max_rows)
+        _ = self.generator.processor  # load once, not on a decoding thread
+        self.has_tokenizer = _loads_tokenizer(self.generator)
+        self.engine = engine or self.generator.engine(max_rows=options.max_rows)
         self.pool = ThreadPoolExecutor(options.decode_threads, thread_name_prefix="vedrt-decode")
         self.metrics = Metrics(self)
         self.in_flight = 0  # admitted and not yet answered
@@ -99,6 +101,10 @@ class Service:
         return self.preparing + self.engine.pending
 
     # -- requests ---------------------------------------------------------------------------
+    def check_tokenizer(self) -> None:
+        if not self.has_tokenizer:
+            raise bad_request("this export has no tokenizer: ask for the TOKENS output instead")
+
     def check_model(self, name: str) -> None:
         if name != self.name:
             raise ServeError(404, f"unknown model {name!r} (this server has {self.name!r})")
@@ -211,7 +217,8 @@ class Service:
             raise ServeError(500, f"generation failed: {type(error).__name__}: {error}")
         sequences = np.asarray(handle.result(0))
         self.metrics.tokens.inc(self._generated_tokens(sequences))
-        return Answer(captions=self.generator.decode(sequences), tokens=sequences)
+        captions = self.generator.decode(sequences) if self.has_tokenizer else []
+        return Answer(captions=captions, tokens=sequences)
 
     def _generated_tokens(self, sequences: np.ndarray) -> int:
         """Tokens after the start token, up to and including each row's first end token."""
@@ -221,3 +228,12 @@ class Service:
             ends = np.flatnonzero(np.isin(row, eos)) if eos else []
             total += int(ends[0]) + 1 if len(ends) else row.shape[0]
         return total
+
+
+def _loads_tokenizer(generator: Any) -> bool:
+    """Exports without tokenizer.json still serve token ids (TOKENS), just not captions."""
+    try:
+        _ = generator.detokenizer
+    except InputError:
+        return False
+    return True
