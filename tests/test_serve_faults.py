@@ -206,3 +206,15 @@ def test_drain_finishes_admitted_requests_and_refuses_new_ones(reference):
         assert [a.json()["captions"] for a in answers] == [reference.caption(p) for p in IMAGES[:3]]
         live.thread.join(30)  # a drained server stops by itself
         assert not live.thread.is_alive()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [(["--max-rows", "0"], "--max-rows"), (["--model", "/nonexistent/export"], "not found")],
+)
+def test_cli_bad_flags_are_one_line_and_exit_2(argv, words, capsys):
+    from vedrt.cli import main
+
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1

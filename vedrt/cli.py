@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             raise  # our own module missing is a bug, not a missing extra
         print(
             f"vedrt {name}: needs the package {exc.name!r}, which is not installed "
-            f"(pip install 'vedrt[export]' for export/train, 'vedrt[tensorrt]' for build)",
+            f"(pip install 'vedrt[export]' for export/train, 'vedrt[serve]' for serve, "
+            f"'vedrt[tensorrt]' for build)",
             file=sys.stderr,
         )
         return 2
