@@ -229,6 +229,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{json.dumps(report['options'])}`, {report['threads']} engine thread(s), "
         f"max_rows {report['max_rows']}, dynamic window {report['window_ms']} ms",
         "",
+        *([report["note"], ""] if report.get("note") else []),
         "| concurrency | mode | images/s | p50 ms | p90 ms | p99 ms | wrong |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
@@ -285,14 +286,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--stem", default="serve")
+    parser.add_argument("--note", default="", help="a line for the report (the engine's state...)")
+    parser.add_argument("--render", type=Path, help="only rewrite MD/PNG from this results JSON")
     parser.add_argument("--serve-mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_mode:
         return serve_process(args)
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    args.modes = [m for m in args.modes.split(",") if m]
-    report = bench(args)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        report["note"] = args.note or report.get("note", "")
+        args.stem = args.render.stem
+    else:
+        args.concurrency = [int(c) for c in args.concurrency.split(",")]
+        args.modes = [m for m in args.modes.split(",") if m]
+        report = {**bench(args), "note": args.note}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{args.stem}.md").write_text(markdown(report))
