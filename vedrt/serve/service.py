@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ class ServeOptions:
     decode_threads: int = 1  # image decoding pool
     max_pixels: int = images.DEFAULT_MAX_PIXELS
     start_engine: bool = True  # tests hold the engine to fill the queue deterministically
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:
