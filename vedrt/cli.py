@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench": ("benchmarks.__main__", "benchmark vedrt against transformers and Optimum"),
     "build": ("vedrt.tensorrt.cli", "build TensorRT FP16 engines from an export directory"),
+    "serve": ("vedrt.serve.cli", "serve captions over HTTP: KServe v2 / Triton, /v1/caption"),
 }
 
 
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _missing_message(command: str, package: str | None) -> str:
-    extra = REQUIRES.get(command, ((), "tensorrt" if command == "build" else "export"))[1]
+    fallback = {"build": "tensorrt", "serve": "serve"}.get(command, "export")
+    extra = REQUIRES.get(command, ((), fallback))[1]
     return (
         f"vedrt {command}: error: needs the package {package!r}, which is not installed "
         f"(pip install 'vedrt[{extra}]')"

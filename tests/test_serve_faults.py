@@ -1,0 +1,220 @@
+"""vedrt serve under faults: full queue, timeouts, disconnects, bad requests, unknown models, drain.
+
+The engine is held (not started) where a test needs requests to stay queued, so each fault is
+produced on purpose rather than by racing the machine's speed.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette", reason="the serve extra is part of dev")
+requests = pytest.importorskip("requests")
+
+from vedrt.runtime import load  # noqa: E402
+from vedrt.serve import ServeOptions, build_app  # noqa: E402
+from vedrt.serve.local import running  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "vedrt" / "models" / "scenes"
+IMAGES = sorted((ROOT / "examples").glob("scene*.*"))
+PNG = IMAGES[0].read_bytes()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load(MODEL, threads=1)
+
+
+def serve(**options):
+    return running(build_app(ServeOptions(model=str(MODEL), **options)))
+
+
+def wait_until(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def metric(url: str, name: str) -> float:
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if (
+            line.startswith(name + " ")
+            or line.startswith(name + "{")
+            and line.split(" ")[0] == name
+        ):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def caption(url: str, data: bytes = PNG, timeout: float = 60, **params):
+    return requests.post(f"{url}/v1/caption", params=params, data=data, timeout=timeout)
+
+
+def test_full_queue_is_503_with_retry_after_at_once(reference):
+    with serve(max_queue=2, start_engine=False) as live, ThreadPoolExecutor(2) as pool:
+        queued = [pool.submit(caption, live.url) for _ in range(2)]
+        wait_until(lambda: live.service.queue_depth == 2)
+        start = time.monotonic()
+        refused = caption(live.url)
+        assert time.monotonic() - start < 5
+        assert refused.status_code == 503
+        assert "queue is full" in refused.json()["error"]
+        assert int(refused.headers["Retry-After"]) >= 1
+        live.service.engine.start()
+        for future in queued:
+            answer = future.result(60)
+            assert answer.status_code == 200
+            assert answer.json()["captions"] == reference.caption(IMAGES[0])
+
+
+def test_timeout_is_504_and_frees_the_request(reference):
+    with serve(request_timeout=0.5, start_engine=False) as live:
+        answer = caption(live.url)
+        assert answer.status_code == 504
+        assert "longer than" in answer.json()["error"]
+        assert metric(live.url, 'vedrt_requests_total{endpoint="caption",outcome="timeout"}') == 1
+        engine = live.service.engine
+        engine.start()
+        wait_until(lambda: engine.pending == 0 and engine.active_rows == 0)
+        assert live.service.in_flight == 0
+
+
+def test_client_disconnect_cancels_the_request(reference):
+    with serve(start_engine=False) as live:
+        head = (
+            f"POST /v1/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(PNG)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", live.port), timeout=10) as client:
+            client.sendall(head + PNG)
+            wait_until(lambda: live.service.in_flight == 1)
+        name = 'vedrt_requests_total{endpoint="caption",outcome="disconnected"}'
+        wait_until(lambda: metric(live.url, name) == 1)
+        assert live.service.in_flight == 0
+        engine = live.service.engine
+        engine.start()
+        wait_until(lambda: engine.pending == 0 and engine.active_rows == 0)
+        ok = caption(live.url)  # the server goes on serving
+        assert ok.json()["captions"] == reference.caption(IMAGES[0])
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A few hundred bytes claiming 10 gigapixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1000)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def triton_json(name="IMAGE", datatype="BYTES", shape=None, data=None, **parameters):
+    import base64
+
+    data = data if data is not None else [base64.b64encode(PNG).decode()]
+    tensor = {"name": name, "datatype": datatype, "shape": shape or [len(data)], "data": data}
+    return {"inputs": [tensor], "parameters": parameters}
+
+
+BAD_CAPTION = [
+    ("not an image", {}, b"hello, not an image", "not an image"),
+    ("truncated", {}, PNG[: len(PNG) // 2], "truncated"),
+    ("unknown option", {"beams": 4}, PNG, "unknown option 'beams'"),
+    ("out of range", {"num_beams": 0}, PNG, "num_beams"),
+    ("bad value", {"num_beams": "four"}, PNG, "num_beams"),
+    ("too many rows", {"num_beams": 64}, PNG, "rows"),
+    ("server-owned option", {"return_dict": "true"}, PNG, "return_dict"),
+    ("decompression bomb", {}, bomb_png(), "decompression bomb"),
+    ("empty body", {}, b"", "no image"),
+]
+
+BAD_INFER = [
+    ("tensor name", triton_json(name="PIXELS"), "unknown input tensor 'PIXELS'"),
+    ("datatype", triton_json(datatype="FP32"), "datatype BYTES"),
+    ("shape", triton_json(shape=[2]), "carries 1 elements"),
+    ("rank", triton_json(shape=[1, 3]), "shape [n]"),
+    ("base64", triton_json(data=["***"]), "base64"),
+    ("option", triton_json(top_k="x"), "top_k"),
+]
+
+
+def test_bad_requests_are_400_before_the_engine_and_spare_their_neighbours(reference):
+    with serve(max_body_mb=1) as live:
+        good_expected = reference.caption(IMAGES[1], num_beams=4)
+        images_before = metric(live.url, "vedrt_images_total")
+        with ThreadPoolExecutor(4) as pool:
+            good = [
+                pool.submit(caption, live.url, IMAGES[1].read_bytes(), num_beams=4)
+                for _ in range(4)
+            ]
+            for label, params, body, words in BAD_CAPTION:
+                answer = caption(live.url, body, **params)
+                assert answer.status_code == 400, label
+                assert words in answer.json()["error"], (label, answer.json())
+            for label, body, words in BAD_INFER:
+                answer = requests.post(f"{live.url}/v2/models/scenes/infer", json=body, timeout=60)
+                assert answer.status_code == 400, label
+                assert words in answer.json()["error"], (label, answer.json())
+            big = caption(live.url, b"\0" * (1024 * 1024 + 1))
+            assert big.status_code == 400 and "max-body-mb" in big.json()["error"]
+            header = requests.post(
+                f"{live.url}/v2/models/scenes/infer",
+                data=b'{"inputs": []}',
+                headers={"Inference-Header-Content-Length": "999"},
+                timeout=60,
+            )
+            assert header.status_code == 400
+            for future in good:
+                answer = future.result(120)
+                assert answer.status_code == 200
+                assert answer.json()["captions"] == good_expected
+        assert metric(live.url, "vedrt_images_total") == images_before + 4  # only the good ones
+
+
+def test_unknown_model_is_404():
+    with serve() as live:
+        for path in ("/v2/models/nope", "/v2/models/nope/config", "/v2/models/nope/ready"):
+            answer = requests.get(live.url + path, timeout=10)
+            assert answer.status_code == 404 and "nope" in answer.json()["error"]
+        answer = requests.post(f"{live.url}/v2/models/nope/infer", json=triton_json(), timeout=10)
+        assert answer.status_code == 404 and "unknown model" in answer.json()["error"]
+
+
+def test_drain_finishes_admitted_requests_and_refuses_new_ones(reference):
+    with serve(start_engine=False) as live, ThreadPoolExecutor(3) as pool:
+        admitted = [pool.submit(caption, live.url, p.read_bytes()) for p in IMAGES[:3]]
+        wait_until(lambda: live.service.in_flight == 3)
+        live.server.handle_exit(signal.SIGTERM, None)  # what the signal handler does
+        assert requests.get(f"{live.url}/v2/health/ready", timeout=10).status_code == 503
+        assert requests.get(f"{live.url}/v2/health/live", timeout=10).status_code == 200
+        refused = caption(live.url)
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]
+        live.service.engine.start()
+        answers = [future.result(60) for future in admitted]
+        assert [a.json()["captions"] for a in answers] == [reference.caption(p) for p in IMAGES[:3]]
+        live.thread.join(30)  # a drained server stops by itself
+        assert not live.thread.is_alive()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [(["--max-rows", "0"], "--max-rows"), (["--model", "/nonexistent/export"], "not found")],
+)
+def test_cli_bad_flags_are_one_line_and_exit_2(argv, words, capsys):
+    from vedrt.cli import main
+
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1

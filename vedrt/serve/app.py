@@ -1,0 +1,212 @@
+"""The ASGI app: KServe v2 (as Triton serves it), /v1/caption for curl, /metrics.
+
+Handlers only parse and answer; everything slow runs off the event loop (see service.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import __version__
+from . import images, protocol
+from .errors import ServeError, bad_request
+from .service import ServeOptions, Service
+
+MAX_FORM_FILES = 256
+# Which process answered: tells Ray Serve replicas (and load-balanced servers) apart.
+SERVER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def build_app(options: ServeOptions | None = None, service: Service | None = None) -> Starlette:
+    """One app around one service (built from `options` unless given)."""
+    service = service or Service(options or ServeOptions())
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        service.start()
+        yield
+        await asyncio.to_thread(service.close)
+
+    routes = [
+        Route("/v2/health/live", lambda r: JSONResponse({"live": True})),
+        Route("/v2/health/ready", lambda r: _ready(service.ready)),
+        Route("/v2", lambda r: JSONResponse(_server_metadata())),
+        Route("/v2/models/{name}", _model_route(service, _metadata)),
+        Route("/v2/models/{name}/versions/{version}", _model_route(service, _metadata)),
+        Route("/v2/models/{name}/ready", _model_route(service, _model_ready)),
+        Route("/v2/models/{name}/versions/{version}/ready", _model_route(service, _model_ready)),
+        Route("/v2/models/{name}/config", _model_route(service, _config)),
+        Route("/v2/models/{name}/versions/{version}/config", _model_route(service, _config)),
+        Route("/v2/models/{name}/infer", _endpoint(service, "infer", _infer), methods=["POST"]),
+        Route(
+            "/v2/models/{name}/versions/{version}/infer",
+            _endpoint(service, "infer", _infer),
+            methods=["POST"],
+        ),
+        Route("/v1/caption", _endpoint(service, "caption", _caption), methods=["POST"]),
+        Route("/metrics", lambda r: _metrics(service)),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.service = service
+    return app
+
+
+def _server_metadata() -> dict[str, Any]:
+    return {"name": "vedrt", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+
+def _ready(ready: bool) -> Response:
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+def _error(exc: ServeError) -> Response:
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+def _model_route(service: Service, handler):
+    """GET handlers under /v2/models/{name}: 404 for a model this server does not have."""
+
+    async def route(request: Request) -> Response:
+        try:
+            service.check_model(request.path_params["name"])
+        except ServeError as exc:
+            return _error(exc)
+        return handler(service)
+
+    return route
+
+
+def _metadata(service: Service) -> Response:
+    return JSONResponse(protocol.model_metadata(service.name))
+
+
+def _model_ready(service: Service) -> Response:
+    return _ready(service.ready)
+
+
+def _config(service: Service) -> Response:
+    defaults = dict(service.generator.generation_config)
+    return JSONResponse(protocol.model_config(service.name, service.options.max_rows, defaults))
+
+
+def _metrics(service: Service) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _endpoint(service: Service, name: str, handler):
+    """Times the request, turns a ServeError into `{"error": ...}`, counts the outcome."""
+
+    async def route(request: Request) -> Response:
+        start = time.monotonic()
+        outcome = None
+        try:
+            response = await handler(service, request)
+        except ServeError as exc:
+            response, outcome = _error(exc), exc.outcome
+        service.metrics.observe(name, response.status_code, time.monotonic() - start, outcome)
+        response.headers["X-Vedrt-Server"] = SERVER_ID
+        return response
+
+    return route
+
+
+async def _infer(service: Service, request: Request) -> Response:
+    service.check_model(request.path_params["name"])
+    service.admit()  # a full queue answers at once, before reading the body
+    body = await _read_body(request, service.options.max_body_mb)
+    parsed = protocol.parse_infer(body, request.headers.get("inference-header-content-length"))
+    if "CAPTION" in parsed.outputs:
+        service.check_tokenizer()
+    answer = await service.caption(
+        parsed.images, parsed.options, _disconnected(request), parsed.timeout
+    )
+    content, headers = protocol.encode_infer(parsed, service.name, answer.captions, answer.tokens)
+    return Response(content, headers=headers)
+
+
+async def _caption(service: Service, request: Request) -> Response:
+    service.check_tokenizer()
+    service.admit()
+    options = {k: images.parse_text_value(v) for k, v in request.query_params.items()}
+    body = await _read_body(request, service.options.max_body_mb)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        blobs, fields = await _form(request, body)
+        options.update(fields)
+    else:
+        blobs = [body] if body else []
+    if not blobs:
+        raise bad_request("no image: send one as the body, or as multipart fields named 'image'")
+    answer = await service.caption(blobs, options, _disconnected(request))
+    return JSONResponse({"captions": answer.captions})
+
+
+async def _read_body(request: Request, max_mb: float) -> bytes:
+    """The whole body, refused with a 400 as soon as it passes the limit (before it is all read)."""
+    limit = int(max_mb * 1024 * 1024)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise bad_request(f"the body ({int(declared)} bytes) is over --max-body-mb={max_mb:g}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise bad_request(f"the body is over --max-body-mb={max_mb:g}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _form(request: Request, body: bytes) -> tuple[list[bytes], dict[str, Any]]:
+    """Multipart: files named 'image' are the images, text fields are options."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    parser = MultiPartParser(
+        request.headers, stream(), max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FILES
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise bad_request(f"bad multipart body: {exc.message}") from None
+    blobs, fields = [], {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if key != "image":
+                raise bad_request(
+                    f"unexpected file field {key!r}: images go in fields named 'image'"
+                )
+            blobs.append(await value.read())
+            await value.close()
+        else:
+            fields[key] = images.parse_text_value(value)
+    return blobs, fields
+
+
+def _disconnected(request: Request):
+    """A waiter that resolves when the client goes away (after the body, `receive` has nothing
+    else to say); a factory, so a request refused before waiting leaves no coroutine behind."""
+
+    async def wait() -> bool:
+        for _ in range(1_000_000):  # bounded: each pass waits for a message from the server
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return True
+        return False
+
+    return wait

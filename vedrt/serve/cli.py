@@ -1,0 +1,120 @@
+"""`vedrt serve`: the app on uvicorn, with SIGTERM draining (or on Ray Serve with --ray)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any
+
+from .service import DEFAULT_MODEL, ServeOptions
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        help="export directory (default: the shipped scene model)",
+    )
+    parser.add_argument(
+        "--name", default=None, help="model name in URLs (default: the export directory's name)"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-rows", type=int, default=32, help="decoder rows stepped together")
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests waiting for rows beyond which new ones get 503 (default: 64)",
+    )
+    parser.add_argument("--max-body-mb", type=float, default=32.0)
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=60.0,
+        help="seconds; past it a request gets 504 and its rows are freed",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="ONNX Runtime threads of the engine (default 1: measured best on 2 cores, see README)",
+    )
+    parser.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment")
+    parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
+
+
+def options_from(args: argparse.Namespace) -> ServeOptions:
+    from ..cli import UsageError
+
+    for flag in ("max_rows", "max_queue", "port", "replicas"):
+        if getattr(args, flag) < (0 if flag == "port" else 1):
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive")
+    for flag in ("max_body_mb", "request_timeout"):
+        if not getattr(args, flag) > 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive")
+    if args.threads < 0:
+        raise UsageError("--threads must be 0 (ONNX Runtime's choice) or more")
+    return ServeOptions(
+        model=args.model,
+        name=args.name,
+        max_rows=args.max_rows,
+        max_queue=args.max_queue,
+        max_body_mb=args.max_body_mb,
+        request_timeout=args.request_timeout,
+        threads=args.threads,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import UsageError
+    from ..runtime.errors import InputError
+
+    options = options_from(args)
+    if args.ray:
+        from .ray import run_ray
+
+        return run_ray(options, host=args.host, port=args.port, replicas=args.replicas)
+    from .app import build_app
+
+    try:
+        app = build_app(options)
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+    serve(app, host=args.host, port=args.port)
+    return 0
+
+
+def serve(app: Any, host: str, port: int) -> None:
+    """uvicorn, but SIGTERM drains: readiness false, new requests 503, admitted ones answered."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    server = DrainingServer(config, app.state.service)
+    server.run()
+    if server.drained_by_sigterm:
+        print("vedrt serve: drained after SIGTERM, exiting", file=sys.stderr)
+
+
+class DrainingServer:
+    """A uvicorn.Server whose SIGTERM waits for every admitted request before stopping."""
+
+    def __new__(cls, config: Any, service: Any):
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            drained_by_sigterm = False
+
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                if sig == signal.SIGTERM and not service.draining:
+                    service.begin_drain()  # on_tick stops the server once it has drained
+                    self.drained_by_sigterm = True
+                    return
+                super().handle_exit(sig, frame)
+
+            async def on_tick(self, counter: int) -> bool:
+                should_exit = await super().on_tick(counter)
+                return bool(should_exit) or service.drained()
+
+        return _Server(config)

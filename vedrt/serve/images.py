@@ -1,0 +1,97 @@
+"""Request payloads -> what the engine takes: image bytes -> PIL images, text options -> values.
+
+Everything here runs before a request reaches the engine, so a bad image or option costs only its
+own request; decoding runs on a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from ..runtime.errors import InputError
+from .errors import bad_request
+
+# Options a server decides for itself: the answer is always captions (and tokens on request).
+SERVER_OWNED_OPTIONS = ("return_dict", "output_scores", "output_attentions")
+# 64 megapixels: far beyond any caption model's input, far below what a bomb decompresses to.
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+
+
+def open_image(blob: bytes, index: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Fully decoded RGB-able PIL image, or a 400 naming the image and the problem.
+
+    The pixel count is checked from the header, before decompression, so a small file that would
+    inflate to gigabytes (a decompression bomb) is refused without allocating it.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    name = f"image {index}"
+    if not blob:
+        raise bad_request(f"{name}: empty")
+    try:
+        image = Image.open(io.BytesIO(blob))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise bad_request(
+                f"{name}: {width}x{height} pixels is over the limit of {max_pixels} "
+                "(decompression bomb?)"
+            )
+        image.load()  # decode now: a truncated file fails here, not in the engine
+        return image
+    except Image.DecompressionBombError as exc:
+        raise bad_request(f"{name}: decompression bomb ({exc})") from None
+    except UnidentifiedImageError:
+        raise bad_request(f"{name}: not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise bad_request(f"{name}: unreadable or truncated image ({exc})") from None
+
+
+def parse_text_value(text: str) -> Any:
+    """A query-string value as JSON when it parses (4, 0.8, true, [[1, 2]]), else the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def generation_options(generator: Any, raw: dict[str, Any], max_rows: int) -> dict[str, Any]:
+    """Check options as `generate()` would, and that the request fits the engine's rows.
+
+    Returns the options to submit; raises a 400 for an unknown name, a bad value, or an option the
+    server owns.
+    """
+    for name in SERVER_OWNED_OPTIONS:
+        if name in raw:
+            raise bad_request(f"option {name!r} is not available through the server")
+    try:
+        generator.options(**raw)
+    except TypeError as exc:
+        if "unexpected keyword argument" in str(exc):
+            name = str(exc).rsplit(" ", 1)[-1]
+            raise bad_request(f"unknown option {name} (options are generate()'s names)") from None
+        raise bad_request(f"bad option value: {_culprit(generator, raw)}{exc}") from None
+    except InputError as exc:
+        raise bad_request(str(exc)) from None
+    except ValueError as exc:
+        raise bad_request(f"bad option value: {_culprit(generator, raw)}{exc}") from None
+    return dict(raw)
+
+
+def _culprit(generator: Any, raw: dict[str, Any]) -> str:
+    """'name=value: ' of the first option that fails on its own (conversion errors name none)."""
+    for name, value in raw.items():
+        try:
+            generator.options(**{name: value})
+        except (TypeError, ValueError):
+            return f"{name}={value!r}: "
+    return ""
+
+
+def rows_needed(generator: Any, options: dict[str, Any], images: int) -> int:
+    resolved = generator.options(**options)
+    return images * max(resolved.num_beams, resolved.num_return_sequences)

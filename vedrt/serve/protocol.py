@@ -1,0 +1,233 @@
+"""KServe v2 / Triton HTTP codec: JSON tensors and Triton's binary tensor data extension.
+
+Binary form (as `tritonclient.http` sends it): the body starts with `Inference-Header-Content-Length`
+bytes of JSON; the rest is each tensor's raw data, in input order, `parameters.binary_data_size`
+bytes each. BYTES elements are a 4-byte little-endian length followed by the bytes. In the JSON
+form image bytes travel as base64 strings (JSON strings must be UTF-8). Outputs are binary when
+the output asks (`parameters.binary_data`) or the request does (`binary_data_output`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import bad_request
+
+INPUT = "IMAGE"
+OUTPUTS = {"CAPTION": "BYTES", "TOKENS": "INT64"}
+# Triton's reserved request parameters: never generation options.
+RESERVED = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers"}
+BINARY_DATA_OUTPUT = "binary_data_output"
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: str | None
+    images: list[bytes]
+    options: dict[str, Any]
+    outputs: dict[str, bool]  # name -> as binary data
+    timeout: float | None  # seconds (Triton's `timeout` parameter is microseconds)
+
+
+def model_metadata(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "versions": ["1"],
+        "platform": "vedrt",
+        "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [
+            {"name": "CAPTION", "datatype": "BYTES", "shape": [-1]},
+            {"name": "TOKENS", "datatype": "INT64", "shape": [-1, -1]},
+        ],
+    }
+
+
+def model_config(name: str, max_rows: int, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Triton-style config; max_batch_size 0: the images are the tensor, not a batch dimension."""
+    return {
+        "name": name,
+        "platform": "vedrt",
+        "backend": "vedrt",
+        "max_batch_size": 0,
+        "input": [{"name": INPUT, "data_type": "TYPE_STRING", "dims": [-1]}],
+        "output": [
+            {"name": "CAPTION", "data_type": "TYPE_STRING", "dims": [-1]},
+            {"name": "TOKENS", "data_type": "TYPE_INT64", "dims": [-1, -1]},
+        ],
+        "parameters": {
+            "max_rows": {"string_value": str(max_rows)},
+            **{k: {"string_value": json.dumps(v)} for k, v in defaults.items()},
+        },
+    }
+
+
+def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
+    """Body (+ the Inference-Header-Content-Length header) -> a checked request, or a 400."""
+    header, binary = _split(body, header_length)
+    if not isinstance(header, dict):
+        raise bad_request("the inference request must be a JSON object")
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise bad_request(f"the request needs 'inputs' with one tensor named {INPUT}")
+    names = [t.get("name") if isinstance(t, dict) else None for t in inputs]
+    unknown = [n for n in names if n != INPUT]
+    if unknown or len(names) != 1:
+        raise bad_request(
+            f"unknown input tensor {unknown[0] if unknown else names!r}: this "
+            f"model takes exactly one input, {INPUT} (BYTES, shape [n])"
+        )
+    images, used = _image_tensor(inputs[0], binary)
+    if used != len(binary):
+        raise bad_request(f"{len(binary) - used} bytes of binary data belong to no input")
+    params = header.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise bad_request("'parameters' must be a JSON object")
+    binary_all = bool(params.get(BINARY_DATA_OUTPUT, False))
+    options = {k: v for k, v in params.items() if k not in RESERVED and k != BINARY_DATA_OUTPUT}
+    timeout = params.get("timeout")
+    return InferRequest(
+        id=header.get("id"),
+        images=images,
+        options=options,
+        outputs=_requested_outputs(header.get("outputs"), binary_all),
+        timeout=timeout / 1e6 if isinstance(timeout, int | float) and timeout > 0 else None,
+    )
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
+    if header_length is None:
+        json_part, binary = body, b""
+    else:
+        try:
+            size = int(header_length)
+        except ValueError:
+            raise bad_request("Inference-Header-Content-Length must be an integer") from None
+        if not 0 < size <= len(body):
+            raise bad_request(f"Inference-Header-Content-Length {size} does not fit the body")
+        json_part, binary = body[:size], body[size:]
+    try:
+        return json.loads(json_part), binary
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request header is not valid JSON ({exc})") from None
+
+
+def _image_tensor(tensor: dict[str, Any], binary: bytes) -> tuple[list[bytes], int]:
+    if tensor.get("datatype") != "BYTES":
+        raise bad_request(f"{INPUT} must have datatype BYTES, got {tensor.get('datatype')!r}")
+    shape = tensor.get("shape")
+    if (
+        not isinstance(shape, list)
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+        or len(shape) not in (1, 2)
+        or (len(shape) == 2 and shape[1] != 1)
+        or shape[0] < 1
+    ):
+        raise bad_request(f"{INPUT} must have shape [n] (n >= 1 encoded images), got {shape!r}")
+    count = shape[0]
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or size > len(binary):
+            raise bad_request(f"{INPUT}: binary_data_size {size!r} does not fit the body")
+        images = deserialize_bytes(binary[:size])
+        used = size
+    else:
+        images = [_from_base64(item, i) for i, item in enumerate(_flatten(tensor.get("data")))]
+        used = 0
+    if len(images) != count:
+        raise bad_request(f"{INPUT} has shape {shape} but carries {len(images)} elements")
+    return images, used
+
+
+def _flatten(data: Any) -> list[Any]:
+    if data is None:
+        raise bad_request(f"{INPUT} has neither 'data' nor parameters.binary_data_size")
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    for item in data:
+        out.extend(_flatten(item) if isinstance(item, list) else [item])
+    return out
+
+
+def _from_base64(item: Any, index: int) -> bytes:
+    if not isinstance(item, str):
+        raise bad_request(f"{INPUT} element {index}: JSON images must be base64 strings")
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{INPUT} element {index}: not valid base64") from None
+
+
+def _requested_outputs(outputs: Any, binary_all: bool) -> dict[str, bool]:
+    if outputs is None:
+        return {"CAPTION": binary_all}
+    if not isinstance(outputs, list):
+        raise bad_request("'outputs' must be a list")
+    requested: dict[str, bool] = {}
+    for item in outputs:
+        name = item.get("name") if isinstance(item, dict) else None
+        if name not in OUTPUTS:
+            raise bad_request(f"unknown output {name!r} (available: {', '.join(OUTPUTS)})")
+        params = item.get("parameters") or {}
+        if "classification" in params:
+            raise bad_request("the classification extension is not supported")
+        requested[name] = bool(params.get("binary_data", binary_all))
+    return requested
+
+
+def deserialize_bytes(buffer: bytes) -> list[bytes]:
+    """Triton's BYTES encoding: each element a uint32 LE length, then its bytes."""
+    items, offset = [], 0
+    while offset < len(buffer):
+        if offset + 4 > len(buffer):
+            raise bad_request(f"{INPUT}: binary data ends inside an element's length")
+        (length,) = struct.unpack_from("<I", buffer, offset)
+        offset += 4
+        if offset + length > len(buffer):
+            raise bad_request(f"{INPUT}: binary element of {length} bytes runs past the data")
+        items.append(bytes(buffer[offset : offset + length]))
+        offset += length
+    return items
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def encode_infer(
+    request: InferRequest, model: str, captions: list[str], tokens: np.ndarray
+) -> tuple[bytes, dict[str, str]]:
+    """The response body and headers; binary outputs follow the JSON in the requested order."""
+    tensors, blobs = [], []
+    for name, binary in request.outputs.items():
+        if name == "CAPTION":
+            shape, data = [len(captions)], captions
+            raw = serialize_bytes([c.encode() for c in captions]) if binary else b""
+        else:
+            tokens64 = np.ascontiguousarray(tokens, dtype="<i8")
+            shape, data = list(tokens64.shape), tokens64.ravel().tolist()
+            raw = tokens64.tobytes() if binary else b""
+        tensor: dict[str, Any] = {"name": name, "datatype": OUTPUTS[name], "shape": shape}
+        if binary:
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            tensor["data"] = data
+        tensors.append(tensor)
+    response: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": tensors}
+    if request.id is not None:
+        response["id"] = request.id
+    header = json.dumps(response).encode()
+    if not blobs:
+        return header, {"Content-Type": "application/json"}
+    return header + b"".join(blobs), {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(header)),
+    }

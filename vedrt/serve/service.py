@@ -1,0 +1,238 @@
+"""The model behind the endpoints: admission, image decoding, the engine, and draining.
+
+HTTP-free so the Starlette app and the Ray Serve replica share it. All methods run on the event
+loop's thread; generation runs on the engine's thread and image decoding on a small pool, and the
+two meet the loop only through `Handle.add_done_callback` -> `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..runtime.errors import InputError
+from . import images
+from .errors import ServeError, bad_request
+from .metrics import Metrics
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "scenes"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How one server runs; the CLI flags of `vedrt serve`, one field each."""
+
+    model: str = str(DEFAULT_MODEL)
+    name: str | None = None  # default: the export directory's name
+    max_rows: int = 32  # decoder rows the engine steps together
+    max_queue: int = 64  # requests waiting for rows beyond that; more get 503
+    max_body_mb: float = 32.0
+    request_timeout: float = 60.0  # seconds from arrival to answer; past it, 504
+    threads: int = 1  # ONNX Runtime intra-op threads of the engine (measured: see README)
+    decode_threads: int = 1  # image decoding pool
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
+    start_engine: bool = True  # tests hold the engine to fill the queue deterministically
+
+    @property
+    def model_name(self) -> str:
+        return self.name or Path(self.model).resolve().name
+
+
+@dataclass
+class Answer:
+    """One finished request: captions image-major (num_return_sequences each) and their tokens."""
+
+    captions: list[str]
+    tokens: np.ndarray
+
+
+class Service:
+    """One model, one engine; answers caption requests and knows when it may stop."""
+
+    def __init__(self, options: ServeOptions, generator: Any = None, engine: Any = None):
+        """`engine`: anything with the Engine interface (the benchmark's baselines), else ours."""
+        from ..runtime import load
+
+        self.options = options
+        self.name = options.model_name
+        self.generator = generator or load(options.model, threads=options.threads)
+        _ = self.generator.processor  # load once, not on a decoding thread
+        self.has_tokenizer = _loads_tokenizer(self.generator)
+        self.engine = engine or self.generator.engine(max_rows=options.max_rows)
+        self.pool = ThreadPoolExecutor(options.decode_threads, thread_name_prefix="vedrt-decode")
+        self.metrics = Metrics(self)
+        self.in_flight = 0  # admitted and not yet answered
+        self.preparing = 0  # admitted, images still decoding (not in the engine's queue yet)
+        self.draining = False
+        self.started = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.options.start_engine:
+            self.engine.start()
+        self.started = True
+
+    def begin_drain(self) -> None:
+        """Readiness false, new requests 503; those already admitted still get answered."""
+        self.draining = True
+
+    def drained(self) -> bool:
+        return self.draining and self.in_flight == 0
+
+    def close(self) -> None:
+        self.draining = True
+        self.engine.stop(drain=True)
+        self.pool.shutdown(wait=True)
+
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.draining
+
+    @property
+    def queue_depth(self) -> int:
+        return self.preparing + self.engine.pending
+
+    # -- requests ---------------------------------------------------------------------------
+    def check_tokenizer(self) -> None:
+        if not self.has_tokenizer:
+            raise bad_request("this export has no tokenizer: ask for the TOKENS output instead")
+
+    def check_model(self, name: str) -> None:
+        if name != self.name:
+            raise ServeError(404, f"unknown model {name!r} (this server has {self.name!r})")
+
+    def admit(self) -> None:
+        """Refuse at once when draining or when the queue is full, before reading any image."""
+        if self.draining:
+            raise ServeError(503, "the server is shutting down", {"Retry-After": "1"})
+        if self.queue_depth >= self.options.max_queue:
+            raise ServeError(
+                503,
+                f"the queue is full ({self.options.max_queue} requests waiting)",
+                {"Retry-After": "1"},
+            )
+
+    async def caption(
+        self,
+        blobs: list[bytes],
+        raw_options: dict[str, Any],
+        disconnected: Callable[[], Awaitable[Any]] | None = None,
+        timeout: float | None = None,
+    ) -> Answer:
+        """Decode, submit, await: a 400 before the engine, 503 when full, 504 past the deadline."""
+        arrival = time.monotonic()
+        deadline = arrival + min(
+            timeout or self.options.request_timeout, self.options.request_timeout
+        )
+        if not blobs:
+            raise bad_request("no image in the request")
+        options = images.generation_options(self.generator, raw_options, self.options.max_rows)
+        rows = images.rows_needed(self.generator, options, len(blobs))
+        if rows > self.options.max_rows:
+            raise bad_request(
+                f"the request needs {rows} decoder rows ({len(blobs)} images x "
+                f"{rows // len(blobs)}), more than this server's --max-rows={self.options.max_rows}"
+            )
+        self.admit()
+        self.in_flight += 1
+        try:
+            handle = await self._submit(blobs, options)
+            self.metrics.images.inc(len(blobs))
+            return await self._await(handle, deadline, arrival, disconnected)
+        finally:
+            self.in_flight -= 1
+
+    async def _submit(self, blobs: list[bytes], options: dict[str, Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        self.preparing += 1
+        try:
+            pixel_values = await loop.run_in_executor(self.pool, self._prepare, blobs)
+            try:
+                return self.engine.submit(pixel_values, **options)
+            except InputError as exc:
+                raise bad_request(str(exc)) from None
+        finally:
+            self.preparing -= 1
+
+    def _prepare(self, blobs: list[bytes]) -> np.ndarray:
+        """Worker thread: bytes -> pixel values (PIL decoding and resizing release the GIL)."""
+        pictures = [images.open_image(b, i, self.options.max_pixels) for i, b in enumerate(blobs)]
+        try:
+            return self.generator.preprocess(pictures)
+        except InputError as exc:
+            raise bad_request(str(exc)) from None
+
+    async def _await(
+        self,
+        handle: Any,
+        deadline: float,
+        arrival: float,
+        disconnected: Callable[[], Awaitable[Any]] | None,
+    ) -> Answer:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def finished(_handle: Any) -> None:  # engine thread
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        handle.add_done_callback(finished)
+        waiters: set[asyncio.Future] = {done}
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        if watcher is not None:
+            waiters.add(watcher)
+        try:
+            await asyncio.wait(
+                waiters,
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when="FIRST_COMPLETED",
+            )
+        finally:
+            if watcher is not None and not watcher.done():
+                watcher.cancel()
+        if not done.done():
+            handle.cancel()  # frees its rows (or its queue place) at the engine's next step
+            if watcher is not None and watcher.done() and not watcher.cancelled():
+                raise ServeError(
+                    504,
+                    "the client disconnected; the request was cancelled",
+                    outcome="disconnected",
+                )
+            raise ServeError(
+                504, f"the request took longer than {self.options.request_timeout:g} s; cancelled"
+            )
+        if handle.started_at is not None:
+            self.metrics.queue_time.observe(max(0.0, handle.started_at - arrival))
+        error = handle.exception(0)
+        if error is not None:
+            if isinstance(error, InputError):
+                raise bad_request(str(error))
+            raise ServeError(500, f"generation failed: {type(error).__name__}: {error}")
+        sequences = np.asarray(handle.result(0))
+        self.metrics.tokens.inc(self._generated_tokens(sequences))
+        captions = self.generator.decode(sequences) if self.has_tokenizer else []
+        return Answer(captions=captions, tokens=sequences)
+
+    def _generated_tokens(self, sequences: np.ndarray) -> int:
+        """Tokens after the start token, up to and including each row's first end token."""
+        eos = self.generator.options().eos_token_id or ()
+        total = 0
+        for row in sequences[:, 1:]:
+            ends = np.flatnonzero(np.isin(row, eos)) if eos else []
+            total += int(ends[0]) + 1 if len(ends) else row.shape[0]
+        return total
+
+
+def _loads_tokenizer(generator: Any) -> bool:
+    """Exports without tokenizer.json still serve token ids (TOKENS), just not captions."""
+    try:
+        _ = generator.detokenizer
+    except InputError:
+        return False
+    return True
