@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from vedrt.runtime.errors import InputError
+from vedrt.runtime.ops import NUMPY
 from vedrt.runtime.options import GenerationOptions, resolve
 from vedrt.runtime.processors import banned_ngram_tokens, top_k, top_p
 
@@ -93,7 +94,7 @@ def test_ngram_and_warpers_like_transformers():
     scores = rng.randn(4, 50).astype(np.float32)
     for k in (1, 5, 50):
         ref = TopKLogitsWarper(k)(None, torch.from_numpy(scores.copy())).numpy()
-        np.testing.assert_array_equal(top_k(k, None, scores.copy()), ref)
+        np.testing.assert_array_equal(top_k(NUMPY, k, None, scores.copy()), ref)
     for p in (0.1, 0.5, 0.95):
         ref = TopPLogitsWarper(p)(None, torch.from_numpy(scores.copy())).numpy()
-        np.testing.assert_array_equal(top_p(p, 1, None, scores.copy()), ref)
+        np.testing.assert_array_equal(top_p(NUMPY, p, 1, None, scores.copy()), ref)

@@ -37,6 +37,7 @@ class Manifest:
     head_dim: int
     vocab_size: int
     max_positions: int | None
+    top_k: int  # the decoder graph's per-row best log-probabilities (`top_ids`), 0 if none
     special_tokens: dict[str, Any]
     generation_config: dict[str, Any]
     graph_files: dict[str, Path]
@@ -131,6 +132,7 @@ def _parse(root: Path, data: dict[str, Any]) -> Manifest:
         head_dim=_int(data, "decoder", "head_dim"),
         vocab_size=_int(data, "decoder", "vocab_size"),
         max_positions=max_positions if isinstance(max_positions, int) else None,
+        top_k=_int(data, "decoder", "top_k"),
         special_tokens=special,
         generation_config=generation_config,
         graph_files=files,

@@ -242,6 +242,7 @@ def _manifest(
             "hidden_size": dec_config.hidden_size,
             "vocab_size": dec_config.vocab_size,
             "max_positions": _max_positions(dec_config, family_dec),
+            "top_k": specs["decoder"].outputs[-1].shape[1],  # best log-probs per row in the graph
         },
         "special_tokens": {
             "decoder_start_token_id": start,

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from .modules import CrossKV, DecoderStep, EncoderGraph, decoder_dims
+from .modules import TOP_K, CrossKV, DecoderStep, EncoderGraph, decoder_dims
 
 DEFAULT_OPSET = 18
 
@@ -87,7 +87,13 @@ def graph_specs(
                 TensorSpec("group_slots", "int64", ("groups",)),
                 TensorSpec("encoder_mask", "int64", ("slots", enc_len)),
             ),
-            (TensorSpec("logits", f32, ("batch_beams", vocab)), *new, *attn),
+            (
+                TensorSpec("logits", f32, ("batch_beams", vocab)),
+                *new,
+                *attn,
+                TensorSpec("top_logprobs", f32, ("batch_beams", min(TOP_K, vocab))),
+                TensorSpec("top_ids", "int64", ("batch_beams", min(TOP_K, vocab))),
+            ),
         ),
     }
 

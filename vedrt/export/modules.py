@@ -20,6 +20,11 @@ from torch import nn
 
 from .architectures import DecoderFamily, decoder_family, get_path
 
+# Each row's best TOP_K log-probabilities leave the decoder graph beside its logits: beam search
+# needs at most (1 + EOS ids, at least 2) x num_beams candidates from any one row, so with no
+# logits processor active the host ranks TOP_K per row instead of the whole vocabulary.
+TOP_K = 16
+
 
 def decoder_dims(config) -> tuple[int, int, int]:
     """(layers, heads, head_dim) of a decoder config, whatever the family calls them."""
@@ -90,7 +95,8 @@ class DecoderStep(nn.Module):
     forward(input_ids [N,T], past_lengths [N], self_cache (k0, v0, k1, v1, ...) each [N,H,L,hd],
             cross (k0, v0, ...) each [slots,H,S,hd], group_slots [G] (N = G * rows per group),
             encoder_mask [slots,S]) ->
-        (logits [N,V] of the last position, new k0, new v0, ... [N,H,T,hd], cross_attn0, ... [N,H,T,S])
+        (logits [N,V] of the last position, new k0, new v0, ... [N,H,T,hd], cross_attn0, ... [N,H,T,S],
+         top_logprobs [N,K] float32, top_ids [N,K]: the best K of log_softmax(logits), best first)
     """
 
     def __init__(self, model):
@@ -99,6 +105,7 @@ class DecoderStep(nn.Module):
         config = decoder.config
         f = self.family = decoder_family(config.model_type)
         self.num_layers, self.heads, self.head_dim = decoder_dims(config)
+        self.top_k = min(TOP_K, config.vocab_size)
         base = get_path(decoder, f.base)
         self.blocks = get_path(base, f.layers)
         self.scales = [
@@ -272,4 +279,6 @@ class DecoderStep(nn.Module):
             )
             new_kv += [k, v]
             attn.append(probs)
-        return (self.logits(x[:, -1, :]), *new_kv, *attn)
+        logits = self.logits(x[:, -1, :])
+        top = torch.topk(torch.log_softmax(logits.float(), dim=-1), self.top_k, dim=-1)
+        return (logits, *new_kv, *attn, top.values, top.indices)

@@ -31,7 +31,7 @@ def device_pool(
 
 
 def step_tensors(
-    pool: KVPool, rows: int, groups: int, vocab: int
+    pool: KVPool, rows: int, groups: int, vocab: int, top_k: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The decoder graph's inputs (views of the pool) and outputs (allocated once per pool
     buffer and row layout, so engines bound by address need no rebinding), by graph name."""
@@ -58,6 +58,8 @@ def step_tensors(
         outputs[f"cross_attn.{i}"] = torch.empty(
             (rows, heads, 1, pool.enc_len), dtype=pool.dtype, device=device
         )
+    outputs["top_logprobs"] = torch.empty((rows, top_k), dtype=torch.float32, device=device)
+    outputs["top_ids"] = torch.empty((rows, top_k), dtype=torch.int64, device=device)
     pool.bindings[key] = (inputs, outputs)
     return inputs, outputs
 
@@ -71,4 +73,4 @@ def finish_step(pool: KVPool, rows: int, outputs: dict[str, torch.Tensor], want:
         [outputs[f"new_{kv}.{i}"] for i in range(layers) for kv in ("key", "value")], rows
     )
     attn = [outputs[f"cross_attn.{i}"] for i in range(layers)] if want else None
-    return StepOutput(outputs["logits"], attn)
+    return StepOutput(outputs["logits"], attn, outputs["top_logprobs"], outputs["top_ids"])

@@ -65,10 +65,10 @@ class TorchExecutor:
         self, pool: KVPool, rows: int, groups: int, want_attentions: bool = False
     ) -> StepOutput:
         if not self.cuda_graphs:
-            logits, attn = self.step_and_write(pool, rows, groups)
+            logits, attn, top = self.step_and_write(pool, rows, groups)
         else:
-            logits, attn = self._graph(pool, rows, groups).replay()
-        return StepOutput(logits, list(attn) if want_attentions else None)
+            logits, attn, top = self._graph(pool, rows, groups).replay()
+        return StepOutput(logits, list(attn) if want_attentions else None, *top)
 
     def step_and_write(self, pool: KVPool, rows: int, groups: int):
         """One step over the pool's first rows, then its new K/V written at each row's
@@ -85,7 +85,7 @@ class TorchExecutor:
         )
         n = 2 * self.layers
         pool.write_new(list(out[1 : 1 + n]), rows)
-        return out[0], out[1 + n :]
+        return out[0], out[1 + n : 1 + n + self.layers], out[-2:]
 
     def _graph(self, pool: KVPool, rows: int, groups: int) -> _StepGraph:
         """The captured step for this pool buffer and row layout, built once."""
@@ -114,11 +114,11 @@ class _StepGraph:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=handle):
-            self.logits, self.attn = run()
+            self.logits, self.attn, self.top = run()
 
     def replay(self):
         self.graph.replay()
-        return self.logits, self.attn
+        return self.logits, self.attn, self.top
 
 
 def _placed(model: Any, device: torch.device, dtype: torch.dtype, owned: bool) -> Any:

@@ -169,7 +169,7 @@ def write_maps(generator, pending: list, out: str, first_index: int) -> int:
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from .errors import InputError
-    from .generator import load
+    from .loader import load
 
     if not args.images:
         raise UsageError("no images given (vedrt caption IMAGE ... [--model EXPORT_DIR])")

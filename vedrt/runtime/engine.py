@@ -247,8 +247,11 @@ class Engine:
         """One search step for request `a` on its rows; True when it finished."""
         start, end = a.offset, a.offset + a.rows
         attn = [x[start:end] for x in out.cross_attn] if out.cross_attn is not None else None
+        top = None
+        if out.top_ids is not None:
+            top = (out.top_logprobs[start:end], out.top_ids[start:end])
         try:
-            advance = a.search.step(out.logits[start:end], attn)
+            advance = a.search.step(out.logits[start:end], attn, top)
         except Exception as exc:  # one request's failure is its own
             a.handle._finish(error=exc)
             return True

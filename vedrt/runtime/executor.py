@@ -44,6 +44,8 @@ class StepOutput:
 
     logits: Any  # [rows, vocab], last position of the step
     cross_attn: list[Any] | None  # per layer [rows, heads, 1, enc_len], when asked for
+    top_logprobs: Any = None  # [rows, top_k] float32: the best of log_softmax(logits), best first
+    top_ids: Any = None  # [rows, top_k] int64: their token ids
 
 
 class Executor(Protocol):
@@ -82,7 +84,7 @@ class OrtExecutor:
     def _check_decoder_io(self) -> None:
         session = self.sessions["decoder"]
         have = {i.name for i in session.get_inputs()} | {o.name for o in session.get_outputs()}
-        need = {"input_ids", "past_lengths", "group_slots", "encoder_mask", "logits"}
+        need = {"input_ids", "past_lengths", "group_slots", "encoder_mask", "logits", "top_ids"}
         for i in range(self.layers):
             need |= {
                 f"self_key.{i}",
@@ -136,8 +138,10 @@ class OrtExecutor:
             outputs[f"new_key.{i}"] = np.empty((rows, h, 1, d), np.float32)
             outputs[f"new_value.{i}"] = np.empty((rows, h, 1, d), np.float32)
             outputs[f"cross_attn.{i}"] = np.empty((rows, h, 1, pool.enc_len), np.float32)
+        outputs["top_logprobs"] = np.empty((rows, self.m.top_k), np.float32)
+        outputs["top_ids"] = np.empty((rows, self.m.top_k), np.int64)
         for name, array in outputs.items():
-            io.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+            io.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         if len(pool.bindings) > 16:  # bindings of sizes met long ago
             pool.bindings.clear()
         pool.bindings[(pool.version, rows, groups)] = (io, outputs)
@@ -152,7 +156,7 @@ class OrtExecutor:
         new_kv = [outputs[f"new_{kv}.{i}"] for i in range(self.layers) for kv in ("key", "value")]
         pool.write_new(new_kv, rows)
         attn = [outputs[f"cross_attn.{i}"] for i in range(self.layers)] if want_attentions else None
-        return StepOutput(outputs["logits"], attn)
+        return StepOutput(outputs["logits"], attn, outputs["top_logprobs"], outputs["top_ids"])
 
 
 def ort_executor(manifest: Manifest, device: str = "cpu", threads: int | None = None, **options):

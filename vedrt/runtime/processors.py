@@ -144,6 +144,20 @@ def build(o: GenerationOptions, ops: Any) -> list[Processor]:
     return chain
 
 
+def any_active(o: GenerationOptions, cur_len: int) -> bool:
+    """Would `build(o)`'s chain (or sampling) change any score at this length? When not, the
+    search may rank the decoder graph's own top-k log-probabilities instead of the vocabulary."""
+    if o.do_sample or o.repetition_penalty != 1.0 or o.no_repeat_ngram_size > 0:
+        return True
+    if o.bad_words_ids is not None and without_eos_words(o.bad_words_ids, o.eos_token_id):
+        return True
+    if o.eos_token_id is not None and cur_len < o.min_length:
+        return True
+    if o.forced_bos_token_id is not None and cur_len == 1:
+        return True
+    return o.forced_eos_token_id is not None and cur_len == o.max_length - 1
+
+
 def apply(chain: list[Processor], ids, scores):
     for processor in chain:
         scores = processor(ids, scores)

@@ -57,7 +57,7 @@ class _Collector:
         return self.attentions is not None
 
     def add(self, scores: Any, cross_attn: list | None) -> None:
-        if self.scores is not None:
+        if self.scores is not None and scores is not None:
             self.scores.append(self.ops.to_numpy(self.ops.copy(scores)))
         if self.attentions is not None and cross_attn is not None:
             self.attentions.append([self.ops.to_numpy(self.ops.copy(a)) for a in cross_attn])
@@ -95,15 +95,25 @@ class GreedySearch:
     def first_tokens(self):
         return self.seqs[:, PROMPT_LEN - 1]
 
-    def step(self, logits, cross_attn: list | None = None) -> Advance:
+    def _full(self, cur_len: int) -> bool:
+        """Does this step need the whole vocabulary's scores (processors or sampling)?"""
+        return processors.any_active(self.o, cur_len)
+
+    def step(self, logits, cross_attn: list | None = None, top: tuple | None = None) -> Advance:
+        """`top`: the graph's (top_logprobs, top_ids) of these rows, used when nothing else
+        needs the whole vocabulary's scores: the best token is then `top_ids[:, 0]`."""
         ops, o = self.ops, self.o
-        scores = processors.apply(
-            self.chain, self.seqs[:, : self.cur_len], ops.float_logits(logits)
-        )
-        self.collect.add(scores, cross_attn)
-        if self.rng is not None:
-            scores = scores + ops.asarray(gumbel(self.rng, tuple(scores.shape)))
-        tokens = ops.argmax(scores)
+        if top is not None and self.collect.scores is None and not self._full(self.cur_len):
+            self.collect.add(None, cross_attn)
+            tokens = ops.copy(top[1][:, 0])
+        else:
+            scores = processors.apply(
+                self.chain, self.seqs[:, : self.cur_len], ops.float_logits(logits)
+            )
+            self.collect.add(scores, cross_attn)
+            if self.rng is not None:
+                scores = scores + ops.asarray(gumbel(self.rng, tuple(scores.shape)))
+            tokens = ops.argmax(scores)
         if o.eos_token_id is not None:
             tokens = ops.where(self.unfinished, tokens, self.pad)
         self.seqs[:, self.cur_len] = tokens
@@ -159,16 +169,29 @@ class BeamSearch:
         """transformers' `_gather_beams`: x[b, idx[b, j], ...] for `[batch, beams, ...]` arrays."""
         return x[self.ops.arange(x.shape[0])[:, None], idx]
 
-    def step(self, logits, cross_attn: list | None = None) -> Advance:
+    def step(self, logits, cross_attn: list | None = None, top: tuple | None = None) -> Advance:
+        """`top`: the graph's (top_logprobs, top_ids) of these rows. With no processor active,
+        no sampling and no scores to return, the best k continuations over all beams are among
+        each beam's own best k, so only those are ranked (same order: see `_top_k_from_rows`)."""
         ops, o, nb, cur_len = self.ops, self.o, self.o.num_beams, self.cur_len
-        flat_running = self.running_sequences[:, :, :cur_len].reshape(self.rows, cur_len)
-        log_probs = ops.log_softmax(ops.float_logits(logits))
-        log_probs = processors.apply(self.chain, flat_running, log_probs)
-        self.collect.add(log_probs, cross_attn)
-        vocab = log_probs.shape[-1]
-        accumulated = log_probs.reshape(self.batch, nb, vocab) + self.running_scores[:, :, None]
-        accumulated = accumulated.reshape(self.batch, nb * vocab)
-        cand_scores, cand_seqs, cand_indices = self._top_k_continuations(accumulated, vocab)
+        fast = (
+            top is not None
+            and top[1].shape[-1] >= self.k
+            and self.collect.scores is None
+            and not processors.any_active(o, cur_len)
+        )
+        if fast:
+            self.collect.add(None, cross_attn)
+            cand_scores, cand_seqs, cand_indices = self._top_k_from_rows(*top)
+        else:
+            flat_running = self.running_sequences[:, :, :cur_len].reshape(self.rows, cur_len)
+            log_probs = ops.log_softmax(ops.float_logits(logits))
+            log_probs = processors.apply(self.chain, flat_running, log_probs)
+            self.collect.add(log_probs, cross_attn)
+            vocab = log_probs.shape[-1]
+            accumulated = log_probs.reshape(self.batch, nb, vocab) + self.running_scores[:, :, None]
+            accumulated = accumulated.reshape(self.batch, nb * vocab)
+            cand_scores, cand_seqs, cand_indices = self._top_k_continuations(accumulated, vocab)
         self.hits = ops.isin(cand_seqs[:, :, cur_len], o.eos_token_id or ())
         if cur_len + 1 >= o.max_length:
             self.hits = ops.full(tuple(self.hits.shape), True, ops.bool_)
@@ -182,19 +205,34 @@ class BeamSearch:
 
     def _top_k_continuations(self, accumulated, vocab: int):
         """The best (or sampled) k next tokens over all beams of each image."""
-        ops, cur_len = self.ops, self.cur_len
+        ops = self.ops
         if self.rng is not None:
             noise = ops.asarray(gumbel(self.rng, tuple(accumulated.shape)))
             _, idx = ops.topk(accumulated + noise, self.k)  # sampled order
             cand_scores = ops.take_along(accumulated, idx, axis=1)
         else:
             cand_scores, idx = ops.topk(accumulated, self.k)
-        source = idx // vocab
+        return (cand_scores, *self._candidates(idx // vocab, idx % vocab))
+
+    def _top_k_from_rows(self, top_logprobs, top_ids):
+        """`_top_k_continuations` from each beam's best log-probs. Candidate j of beam b sits at
+        b * K + j: for equal scores that order is the vocabulary order (beam, then token id, as
+        ONNX TopK breaks ties by lower index), so the ranking is the full one's."""
+        ops, nb, width = self.ops, self.o.num_beams, top_ids.shape[-1]
+        scores = ops.float_logits(top_logprobs).reshape(self.batch, nb, width)
+        accumulated = (scores + self.running_scores[:, :, None]).reshape(self.batch, nb * width)
+        cand_scores, idx = ops.topk(accumulated, self.k)
+        tokens = ops.take_along(top_ids.reshape(self.batch, nb * width), idx, axis=1)
+        return (cand_scores, *self._candidates(idx // width, tokens))
+
+    def _candidates(self, source, tokens):
+        """Candidate sequences and beam indices: the source beam's, extended by `tokens`."""
+        ops, cur_len = self.ops, self.cur_len
         cand_indices = self._gather(self.running_indices, source)
         cand_seqs = self._gather(self.running_sequences, source)
-        cand_seqs[:, :, cur_len] = idx % vocab
+        cand_seqs[:, :, cur_len] = tokens
         cand_indices[:, :, cur_len - PROMPT_LEN] = ops.astype(source + self.batch_offset, ops.int32)
-        return cand_scores, cand_seqs, cand_indices
+        return cand_seqs, cand_indices
 
     def _next_running_beams(self, cand_scores, cand_seqs, cand_indices) -> None:
         """Keep the best `num_beams` candidates that did not just finish."""
