@@ -20,7 +20,7 @@ from typing import Any
 from ..manifest import FORMAT_VERSION, write_manifest
 from .architectures import UnsupportedArchitecture, decoder_family, encoder_family
 from .graphs import DEFAULT_OPSET, export_graphs
-from .modules import decoder_dims
+from .modules import decoder_dims, decoder_hidden_size
 from .optimize import (
     QUANTIZE_CHOICES,
     externalize,
@@ -254,7 +254,7 @@ def _manifest(
             "num_layers": layers,
             "num_heads": heads,
             "head_dim": head_dim,
-            "hidden_size": dec_config.hidden_size,
+            "hidden_size": decoder_hidden_size(dec_config),
             "vocab_size": dec_config.vocab_size,
             "max_positions": _max_positions(dec_config, family_dec),
         },
