@@ -17,7 +17,15 @@ VOCAB = 96
 IMAGE = 32
 
 
-def encoder_config(name: str, image_size: int | tuple[int, int] = IMAGE):
+def encoder_config(name: str, image_size: int | tuple[int, int] = IMAGE, **overrides):
+    """The tiny config of one encoder row; `overrides` replace or add config fields."""
+    config = _encoder_config(name, image_size)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _encoder_config(name: str, image_size: int | tuple[int, int]):
     import transformers as T
 
     common = dict(image_size=image_size, num_channels=3)
@@ -159,6 +167,7 @@ def tiny_model(
     image_size: int | tuple[int, int] = IMAGE,
     attn_implementation: str | None = None,
     decoder_overrides: dict | None = None,
+    encoder_overrides: dict | None = None,
 ):
     """A random VisionEncoderDecoderModel in eval mode with generation ids set.
 
@@ -169,7 +178,8 @@ def tiny_model(
 
     torch.manual_seed(seed)
     config = T.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
-        encoder_config(encoder, image_size), decoder_config(decoder, **(decoder_overrides or {}))
+        encoder_config(encoder, image_size, **(encoder_overrides or {})),
+        decoder_config(decoder, **(decoder_overrides or {})),
     )
     if attn_implementation is None:
         model = T.VisionEncoderDecoderModel(config=config)

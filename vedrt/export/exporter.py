@@ -29,7 +29,7 @@ from .optimize import (
     token_agreement,
 )
 from .optimize import graph_bytes as graph_size
-from .validate import Validation, ValidationError, validate_export
+from .validate import Validation, ValidationError, eager_attention, validate_export
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -390,7 +390,8 @@ def _quantize(
         return None, []
     gen = model.generation_config
     start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else 0
-    agreement = token_agreement(model, tmp, image_size, start)
+    with eager_attention(model):  # the reference, as in validation
+        agreement = token_agreement(model, tmp, image_size, start)
     validation = {**validation, "token_agreement": agreement.to_json()}
     warnings = []
     if not agreement.passed:

@@ -8,6 +8,8 @@ image, at other batch and cache sizes than the traced ones, so the shared cross-
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,6 +47,31 @@ class ValidationError(RuntimeError):
     """The exported graphs disagree with the PyTorch model beyond the tolerance."""
 
 
+@contextlib.contextmanager
+def eager_attention(model) -> Iterator[None]:
+    """Run `model` with transformers' eager attention for a while, then restore what it had.
+
+    Eager is the reference computation: transformers 4.57's SDPA path ignores GPT2's
+    `scale_attn_by_inverse_layer_idx` and `scale_attn_weights`, so a model object loaded with SDPA
+    would otherwise be "validated" against a different function than the one exported. The
+    attention modules read `config._attn_implementation` at call time, so switching each sub-model's
+    config (not the model) is enough and leaves the caller's object as it was.
+    """
+    configs = {id(model.config): model.config}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal"):
+            configs.setdefault(id(config), config)
+    saved = [(c, c._attn_implementation_internal) for c in configs.values()]
+    try:
+        for config, _ in saved:
+            config._attn_implementation_internal = "eager"
+        yield
+    finally:
+        for config, value in saved:
+            config._attn_implementation_internal = value
+
+
 def _sessions(out_dir: Path):
     import onnxruntime as ort
 
@@ -80,7 +107,7 @@ def validate_export(
     sessions = _sessions(out_dir)
     layers, _, _ = decoder_dims(model.decoder.config)
 
-    with torch.no_grad():
+    with torch.no_grad(), eager_attention(model):
         ref_states = model.encoder(pixel_values=pixel_values).last_hidden_state
         if getattr(model, "enc_to_dec_proj", None) is not None:
             ref_states = model.enc_to_dec_proj(ref_states)
