@@ -53,9 +53,11 @@ def eager_attention(model) -> Iterator[None]:
 
     Eager is the reference computation: transformers 4.57's SDPA path ignores GPT2's
     `scale_attn_by_inverse_layer_idx` and `scale_attn_weights`, so a model object loaded with SDPA
-    would otherwise be "validated" against a different function than the one exported. The
-    attention modules read `config._attn_implementation` at call time, so switching each sub-model's
-    config (not the model) is enough and leaves the caller's object as it was.
+    would otherwise be "validated" against a different function than the one exported. GPT2, ViT,
+    BART/MBart, TrOCR and Swin read `config._attn_implementation` at call time, so switching each
+    sub-model's config (not its modules) is enough and leaves the caller's object as it was.
+    BERT-style models pick their attention class when built; their SDPA class computes the same
+    function as eager (within float rounding), which validation's tolerance allows for.
     """
     configs = {id(model.config): model.config}
     for module in model.modules():
