@@ -28,7 +28,7 @@ transformers.logging.set_verbosity_error()
 # with Donut's image processor, the others with the exporter's default (a ViT resize)
 ROWS = {
     "donut-swin+mbart@2560x1920/40": ("donut-swin", "mbart", (64, 48), {}),
-    "swinv2+mbart": ("swinv2", "mbart", (32, 32), {}),
+    "swinv2+mbart@36x44": ("swinv2", "mbart", (36, 44), {}),  # padded to whole patches
     "vit+bart": ("vit", "bart", (32, 32), {}),
     "vit+xlm-roberta@192x1024/4": ("vit", "xlm-roberta", (48, 256), {}),
     "vit+electra": ("vit", "electra", (32, 32), {}),

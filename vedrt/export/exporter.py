@@ -148,8 +148,13 @@ def _patch_grid(enc_config, family, image_size: tuple[int, int]) -> tuple[int, i
         if isinstance(enc_config.patch_size, int)
         else enc_config.patch_size[0]
     )
-    stride = patch * (2 ** (len(enc_config.depths) - 1) if family.hierarchical else 1)
-    return image_size[0] // stride, image_size[1] // stride
+    if not family.hierarchical:
+        return image_size[0] // patch, image_size[1] // patch
+    # Swin pads the image to whole patches and each merge to an even size: ceilings, not floors
+    grid = [-(-side // patch) for side in image_size]
+    for _ in range(len(enc_config.depths) - 1):
+        grid = [-(-side // 2) for side in grid]
+    return grid[0], grid[1]
 
 
 def _prepare_destination(out_dir: Path, overwrite: bool) -> None:
