@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from test_export import _initializer_bytes  # noqa: E402
 from test_runtime_parity import MATRIX_SETTINGS, _fill, assert_parity, eos_ids  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
@@ -82,10 +83,12 @@ def test_row_exports_validates_and_generates_transformers_tokens(row):
     manifest = json.loads((out / "vedrt.json").read_text())
     assert report.validation["passed"], report.validation
     assert manifest["encoder"]["image_size"] == list(size)
-    grid = manifest["encoder"]["patch_grid"]
-    assert (
-        manifest["encoder"]["enc_len"] == grid[0] * grid[1] + manifest["encoder"]["prefix_tokens"]
-    )
+    encoder = manifest["encoder"]
+    grid = encoder["patch_grid"]
+    assert encoder["enc_len"] == grid[0] * grid[1] + encoder["prefix_tokens"]
+    # every weight stored once (MBart/BART/ELECTRA tie their heads to the token embedding)
+    weights = sum(_initializer_bytes(out / g["file"]) for g in manifest["graphs"].values())
+    assert weights <= sum(p.numel() for p in model.parameters()) * 4 * 1.01
     generator = load(out)
     pv = random_pixels(size)
     greedy = generator.generate(pv, max_new_tokens=10)
