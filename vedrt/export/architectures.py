@@ -55,7 +55,9 @@ class DecoderFamily:
     head_activation: str | None = None  # a module path, or "gelu" for RoBERTa's hard-wired gelu
     head_norm: str | None = None
     head: str = "lm_head"
-    embed_scale_attr: str | None = None  # TrOCR multiplies token embeddings by sqrt(d)
+    embed_scale_attr: str | None = (
+        None  # TrOCR, MBart (scale_embedding): token embeddings x sqrt(d)
+    )
     # ELECTRA: a projection from the (smaller) embedding width to the hidden width, present in a
     # checkpoint only when `embedding_size != hidden_size`
     embedding_project: str | None = None
