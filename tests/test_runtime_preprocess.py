@@ -115,3 +115,44 @@ def test_corrupt_processor_config(tmp_path):
         ImageProcessor.from_file(path)
     with pytest.raises(InputError, match="missing"):
         ImageProcessor.from_file(tmp_path / "nope.json")
+
+
+def page_images() -> list[Image.Image]:
+    """Pages with white margins around darker content, as NougatImageProcessor expects."""
+    rng = np.random.RandomState(5)
+    out = []
+    for (h, w), (top, left, bottom, right) in [
+        ((90, 70), (10, 7, 80, 60)),
+        ((50, 120), (3, 30, 47, 100)),
+        ((64, 48), (0, 0, 64, 48)),
+    ]:
+        page = np.full((h, w, 3), 250, dtype=np.uint8)
+        page[top:bottom, left:right] = rng.randint(0, 256, (bottom - top, right - left, 3))
+        out.append(Image.fromarray(page))
+    out.append(Image.fromarray(np.full((30, 40, 3), 255, dtype=np.uint8)))  # blank: no crop
+    return out
+
+
+@pytest.mark.parametrize(
+    "size, options",
+    [((64, 48), {}), ((48, 80), {"do_align_long_axis": True, "resample": 3})],
+    ids=["portrait", "landscape-aligned"],
+)
+def test_nougat_crops_margins_like_transformers(tmp_path, size, options):
+    hf = transformers.NougatImageProcessor(size={"height": size[0], "width": size[1]}, **options)
+    hf.to_json_file(str(tmp_path / "preprocessor_config.json"))
+    ours = ImageProcessor.from_file(tmp_path / "preprocessor_config.json")
+    for image in page_images() + images():
+        expected = hf(image, return_tensors="np")["pixel_values"]
+        got = ours([image])
+        assert got.shape == expected.shape == (1, 3, *size), image.size
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_unsupported_processor_class_is_one_clear_error(tmp_path):
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text('{"image_processor_type": "LayoutLMv3ImageProcessor"}')
+    with pytest.raises(InputError, match="image processor 'LayoutLMv3ImageProcessor' is not supp"):
+        ImageProcessor.from_file(path)
+    path.write_text('{"feature_extractor_type": "DeiTFeatureExtractor", "size": 40}')
+    assert ImageProcessor.from_file(path).do_center_crop  # the DeiT steps, not ViT's

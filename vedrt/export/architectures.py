@@ -55,7 +55,17 @@ class DecoderFamily:
     head_activation: str | None = None  # a module path, or "gelu" for RoBERTa's hard-wired gelu
     head_norm: str | None = None
     head: str = "lm_head"
-    embed_scale_attr: str | None = None  # TrOCR multiplies token embeddings by sqrt(d)
+    embed_scale_attr: str | None = (
+        None  # TrOCR, MBart (scale_embedding): token embeddings x sqrt(d)
+    )
+    # ELECTRA: a projection from the (smaller) embedding width to the hidden width, present in a
+    # checkpoint only when `embedding_size != hidden_size`
+    embedding_project: str | None = None
+    # The decoder's own size fields. BART-style configs also describe an encoder, and their generic
+    # names (`num_hidden_layers`, `num_attention_heads`) are the encoder's.
+    num_layers_field: str = "num_hidden_layers"
+    num_heads_field: str = "num_attention_heads"
+    hidden_size_field: str = "hidden_size"
 
 
 ENCODERS: tuple[EncoderFamily, ...] = (
@@ -63,6 +73,7 @@ ENCODERS: tuple[EncoderFamily, ...] = (
     EncoderFamily("deit", ("deit",), prefix_tokens=2),
     EncoderFamily("beit", ("beit",), prefix_tokens=1),
     EncoderFamily("swin", ("swin", "donut-swin"), prefix_tokens=0, hierarchical=True),
+    EncoderFamily("swinv2", ("swinv2",), prefix_tokens=0, hierarchical=True),
 )
 
 _BERT_BLOCK = dict(
@@ -88,6 +99,35 @@ _BERT_BLOCK = dict(
     position_embedding="embeddings.position_embeddings",
     token_type_embedding="embeddings.token_type_embeddings",
     embedding_norm="embeddings.LayerNorm",
+)
+
+# fairseq-style decoders (TrOCR, BART, MBart): `model.decoder.layers[i]` with q/k/v projections
+_BART_BLOCK = dict(
+    base="model.decoder",
+    layers="layers",
+    token_embedding="embed_tokens",
+    position_embedding="embed_positions",
+    self_qkv=None,
+    self_q="self_attn.q_proj",
+    self_k="self_attn.k_proj",
+    self_v="self_attn.v_proj",
+    self_out="self_attn.out_proj",
+    cross_q="encoder_attn.q_proj",
+    cross_kv=None,
+    cross_k="encoder_attn.k_proj",
+    cross_v="encoder_attn.v_proj",
+    cross_out="encoder_attn.out_proj",
+    norm_self="self_attn_layer_norm",
+    norm_cross="encoder_attn_layer_norm",
+    norm_ffn="final_layer_norm",
+    fc1="fc1",
+    activation="activation_fn",
+    fc2="fc2",
+    embedding_norm="layernorm_embedding",
+    embed_scale_attr="embed_scale",
+    num_layers_field="decoder_layers",
+    num_heads_field="decoder_attention_heads",
+    hidden_size_field="d_model",
 )
 
 DECODERS: tuple[DecoderFamily, ...] = (
@@ -122,31 +162,25 @@ DECODERS: tuple[DecoderFamily, ...] = (
     DecoderFamily(
         name="trocr",
         model_types=("trocr",),
-        base="model.decoder",
-        layers="layers",
-        token_embedding="embed_tokens",
-        position_embedding="embed_positions",
         positions="offset2",  # "padding" when the checkpoint uses sinusoidal positions
         pre_norm=False,
-        self_qkv=None,
-        self_q="self_attn.q_proj",
-        self_k="self_attn.k_proj",
-        self_v="self_attn.v_proj",
-        self_out="self_attn.out_proj",
-        cross_q="encoder_attn.q_proj",
-        cross_kv=None,
-        cross_k="encoder_attn.k_proj",
-        cross_v="encoder_attn.v_proj",
-        cross_out="encoder_attn.out_proj",
-        norm_self="self_attn_layer_norm",
-        norm_cross="encoder_attn_layer_norm",
-        norm_ffn="final_layer_norm",
-        fc1="fc1",
-        activation="activation_fn",
-        fc2="fc2",
-        embedding_norm="layernorm_embedding",
         head="output_projection",
-        embed_scale_attr="embed_scale",
+        **_BART_BLOCK,
+    ),
+    DecoderFamily(
+        name="mbart",  # Donut, Nougat
+        model_types=("mbart",),
+        positions="offset2",
+        pre_norm=True,
+        final_norm="layer_norm",
+        **_BART_BLOCK,
+    ),
+    DecoderFamily(
+        name="bart",  # BartForCausalLM
+        model_types=("bart",),
+        positions="offset2",
+        pre_norm=False,
+        **_BART_BLOCK,
     ),
     DecoderFamily(
         name="bert",
@@ -168,6 +202,29 @@ DECODERS: tuple[DecoderFamily, ...] = (
         head_activation="gelu",
         head_norm="lm_head.layer_norm",
         head="lm_head.decoder",
+        **_BERT_BLOCK,
+    ),
+    DecoderFamily(
+        name="xlm-roberta",
+        model_types=("xlm-roberta",),
+        base="roberta",
+        positions="padding",
+        head_dense="lm_head.dense",
+        head_activation="gelu",
+        head_norm="lm_head.layer_norm",
+        head="lm_head.decoder",
+        **_BERT_BLOCK,
+    ),
+    DecoderFamily(
+        name="electra",  # ElectraForCausalLM: the generator's head, in the embedding width
+        model_types=("electra",),
+        base="electra",
+        positions="absolute",
+        embedding_project="embeddings_project",
+        head_dense="generator_predictions.dense",
+        head_activation="generator_predictions.activation",
+        head_norm="generator_predictions.LayerNorm",
+        head="generator_lm_head",
         **_BERT_BLOCK,
     ),
 )
@@ -205,3 +262,13 @@ def get_path(root, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def optional_path(root, path: str | None):
+    """`get_path`, or None for a piece the row names but this checkpoint leaves out."""
+    if path is None:
+        return None
+    try:
+        return get_path(root, path)
+    except AttributeError:
+        return None

@@ -20,11 +20,11 @@ from ..manifest import FORMAT_VERSION, write_manifest
 from . import destination
 from .architectures import UnsupportedArchitecture, decoder_family, encoder_family
 from .graphs import DEFAULT_OPSET, export_graphs
-from .modules import decoder_dims
+from .modules import decoder_dims, decoder_hidden_size
 from .optimize import externalize, fuse_graphs
 from .optimize import graph_bytes as graph_size
 from .quantize import QUANTIZE_CHOICES, quantize_graphs, token_agreement
-from .validate import Validation, ValidationError, validate_export
+from .validate import Validation, ValidationError, eager_attention, validate_export
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -143,8 +143,13 @@ def _patch_grid(enc_config, family, image_size: tuple[int, int]) -> tuple[int, i
         if isinstance(enc_config.patch_size, int)
         else enc_config.patch_size[0]
     )
-    stride = patch * (2 ** (len(enc_config.depths) - 1) if family.hierarchical else 1)
-    return image_size[0] // stride, image_size[1] // stride
+    if not family.hierarchical:
+        return image_size[0] // patch, image_size[1] // patch
+    # Swin pads the image to whole patches and each merge to an even size: ceilings, not floors
+    grid = [-(-side // patch) for side in image_size]
+    for _ in range(len(enc_config.depths) - 1):
+        grid = [-(-side // 2) for side in grid]
+    return grid[0], grid[1]
 
 
 def _write_side_files(
@@ -239,7 +244,7 @@ def _manifest(
             "num_layers": layers,
             "num_heads": heads,
             "head_dim": head_dim,
-            "hidden_size": dec_config.hidden_size,
+            "hidden_size": decoder_hidden_size(dec_config),
             "vocab_size": dec_config.vocab_size,
             "max_positions": _max_positions(dec_config, family_dec),
             "top_k": specs["decoder"].outputs[-1].shape[1],  # best log-probs per row in the graph
@@ -383,7 +388,8 @@ def _quantize(
         return None, []
     gen = model.generation_config
     start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else 0
-    agreement = token_agreement(model, tmp, start)
+    with eager_attention(model):  # the reference, as in validation
+        agreement = token_agreement(model, tmp, start)
     validation = {**validation, "token_agreement": agreement.to_json()}
     warnings = []
     if not agreement.passed:

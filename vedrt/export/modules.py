@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architectures import DecoderFamily, decoder_family, get_path
+from .architectures import DecoderFamily, decoder_family, get_path, optional_path
 
 # Each row's best TOP_K log-probabilities leave the decoder graph beside its logits: beam search
 # needs at most (1 + EOS ids, at least 2) x num_beams candidates from any one row, so with no
@@ -27,9 +27,20 @@ TOP_K = 16
 
 
 def decoder_dims(config) -> tuple[int, int, int]:
-    """(layers, heads, head_dim) of a decoder config, whatever the family calls them."""
-    heads = config.num_attention_heads
-    return config.num_hidden_layers, heads, config.hidden_size // heads
+    """(layers, heads, head_dim) of a decoder config, from the fields its family names.
+
+    MBart/BART configs describe an encoder too, and their generic `num_hidden_layers` /
+    `num_attention_heads` are the encoder's, so the family says which fields are the decoder's.
+    """
+    family = decoder_family(config.model_type)
+    heads = getattr(config, family.num_heads_field)
+    layers = getattr(config, family.num_layers_field)
+    return layers, heads, decoder_hidden_size(config) // heads
+
+
+def decoder_hidden_size(config) -> int:
+    """The decoder's model width (`d_model` for BART-style configs)."""
+    return getattr(config, decoder_family(config.model_type).hidden_size_field)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -127,6 +138,7 @@ class DecoderStep(nn.Module):
         row = tte.weight.detach()[0].clone() if tte is not None else None
         self.register_buffer("token_type_row", row, persistent=False)
         self.embedding_norm = get_path(base, f.embedding_norm) if f.embedding_norm else None
+        self.embedding_project = optional_path(base, f.embedding_project)
         self.final_norm = get_path(base, f.final_norm) if f.final_norm else None
         self.head_dense = get_path(decoder, f.head_dense) if f.head_dense else None
         if f.head_activation == "gelu":
@@ -169,7 +181,8 @@ class DecoderStep(nn.Module):
         x = tokens + self.position_table.index_select(0, positions.reshape(-1)).reshape(n, t, -1)
         if self.token_type_row is not None:
             x = x + self.token_type_row
-        return self.embedding_norm(x) if self.embedding_norm is not None else x
+        x = self.embedding_norm(x) if self.embedding_norm is not None else x
+        return self.embedding_project(x) if self.embedding_project is not None else x
 
     def self_attention(self, block, x, past_masked, cache_k, cache_v, scale):
         f = self.family

@@ -10,6 +10,7 @@ batch and cache sizes than the traced ones, so every dynamic axis and the slot i
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -93,21 +94,27 @@ def validate_export(model, out_dir: Path, start_token: int) -> Validation:
 
 
 @contextlib.contextmanager
-def eager_attention(model):
-    """Run the reference with eager attention whatever the model was loaded with: transformers
-    4.57's SDPA path ignores GPT2's `scale_attn_by_inverse_layer_idx` and `scale_attn_weights`."""
-    configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")]
-    saved = [getattr(c, "_attn_implementation", None) for c in configs]
-    for config in configs:
-        try:
-            config._attn_implementation = "eager"
-        except Exception:  # a config that refuses the switch keeps its own
-            pass
+def eager_attention(model) -> Iterator[None]:
+    """Run `model` with transformers' eager attention for a while, then restore what it had.
+
+    Eager is the reference computation: transformers 4.57's SDPA path ignores GPT2's
+    `scale_attn_by_inverse_layer_idx` and `scale_attn_weights`, so a model object loaded with SDPA
+    would otherwise be "validated" against a different function than the one exported. GPT2, ViT,
+    BART/MBart, TrOCR and Swin read `config._attn_implementation` at call time, so switching each
+    sub-model's config (not its modules) is enough and leaves the caller's object as it was.
+    BERT-style models pick their attention class when built; their SDPA class computes the same
+    function as eager (within float rounding), which validation's tolerance allows for.
+    """
+    configs = {id(model.config): model.config}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal"):
+            configs.setdefault(id(config), config)
+    saved = [(c, c._attn_implementation_internal) for c in configs.values()]
     try:
+        for config, _ in saved:
+            config._attn_implementation_internal = "eager"
         yield
     finally:
-        for config, value in zip(configs, saved, strict=True):
-            try:
-                config._attn_implementation = value
-            except Exception:
-                pass
+        for config, value in saved:
+            config._attn_implementation_internal = value

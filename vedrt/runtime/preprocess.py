@@ -1,7 +1,8 @@
 """Images in, pixel values out: the checkpoint's image processor, in numpy and PIL.
 
 Reproduces transformers' (slow, PIL-based) ViTImageProcessor, DeiTImageProcessor,
-BeitImageProcessor and DonutImageProcessor from `preprocessor_config.json` step for step (PIL
+BeitImageProcessor, DonutImageProcessor and NougatImageProcessor from `preprocessor_config.json`
+step for step (PIL
 resize on uint8, crop or pad, rescale in float64 then float32, normalize in float32), so the
 pixel values match theirs and the runtime needs no transformers.
 """
@@ -43,7 +44,17 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
         "do_thumbnail": True,
         "do_pad": True,
     },
+    "NougatImageProcessor": {  # Donut's geometry after cropping the page's margins
+        "size": {"height": 896, "width": 672},
+        "resample": BILINEAR,
+        "do_crop_margin": True,
+        "do_thumbnail": True,
+        "do_pad": True,
+        "image_mean": (0.485, 0.456, 0.406),
+        "image_std": (0.229, 0.224, 0.225),
+    },
 }
+DONUT_LIKE = ("DonutImageProcessor", "NougatImageProcessor")
 
 
 @dataclass(frozen=True)
@@ -64,13 +75,14 @@ class ImageProcessor:
     do_thumbnail: bool = False
     do_align_long_axis: bool = False
     do_pad: bool = False
+    do_crop_margin: bool = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ImageProcessor:
-        name = str(config.get("image_processor_type") or "ViTImageProcessor").removesuffix("Fast")
-        c = dict(CLASS_DEFAULTS.get(name, CLASS_DEFAULTS["ViTImageProcessor"]))
+        name = _class_name(config)
+        c = dict(CLASS_DEFAULTS[name])
         c.update({k: v for k, v in config.items() if v is not None})
-        donut = name == "DonutImageProcessor"
+        donut = name in DONUT_LIKE
         size = c["size"]
         if donut and isinstance(size, list | tuple):
             size = list(size)[::-1]  # Donut's legacy (width, height) order
@@ -89,6 +101,7 @@ class ImageProcessor:
             do_thumbnail=donut and bool(c.get("do_thumbnail", True)),
             do_align_long_axis=donut and bool(c.get("do_align_long_axis", False)),
             do_pad=donut and bool(c.get("do_pad", True)),
+            do_crop_margin=donut and bool(c.get("do_crop_margin", False)),
         )
 
     @classmethod
@@ -99,6 +112,8 @@ class ImageProcessor:
             raise InputError(
                 f"{path}: missing (the export has no image processor config)"
             ) from None
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{path}: corrupt image processor config ({exc})") from None
 
@@ -136,6 +151,8 @@ class ImageProcessor:
 
     def _donut_geometry(self, array: np.ndarray) -> np.ndarray:
         h, w = self.size["height"], self.size["width"]
+        if self.do_crop_margin:
+            array = crop_margin(array)
         if self.do_align_long_axis:
             ih, iw = array.shape[:2]
             if (w < h and iw > ih) or (w > h and iw < ih):
@@ -151,6 +168,20 @@ class ImageProcessor:
             top, left = dh // 2, dw // 2
             array = np.pad(array, ((top, dh - top), (left, dw - left), (0, 0)))
         return array
+
+
+def _class_name(config: dict[str, Any]) -> str:
+    """The processor class a config names (ViT's when it names none); one clear error for a class
+    whose steps are not reproduced here, rather than pixel values from the wrong steps."""
+    name = config.get("image_processor_type") or config.get("feature_extractor_type")
+    name = str(name or "ViTImageProcessor").removesuffix("Fast")
+    name = name.replace("FeatureExtractor", "ImageProcessor")
+    if name not in CLASS_DEFAULTS:
+        raise InputError(
+            f"image processor {name!r} is not supported (supported: {', '.join(CLASS_DEFAULTS)}); "
+            "pass pixel values from the checkpoint's own processor instead"
+        )
+    return name
 
 
 def _size_dict(size: Any) -> dict[str, int]:
@@ -201,6 +232,20 @@ def thumbnail(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     elif iw > ih:
         height = int(ih * width / iw)
     return pil_resize(array, (height, width), BICUBIC, reducing_gap=2.0)
+
+
+def crop_margin(array: np.ndarray, gray_threshold: int = 200) -> np.ndarray:
+    """NougatImageProcessor.crop_margin: crop to the bounding box of the page's darker pixels
+    (below `gray_threshold` once the grey levels are stretched to 0..255)."""
+    from PIL import Image
+
+    gray = np.asarray(Image.fromarray(array).convert("L")).astype(np.uint8)
+    low, high = gray.min(), gray.max()
+    if low == high:
+        return array
+    dark = (gray - low) / (high - low) * 255 < gray_threshold
+    rows, cols = np.nonzero(dark)
+    return array[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
 
 
 def center_crop(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
