@@ -33,3 +33,18 @@ def test_quick_start_shows_the_venv_and_version() -> None:
     quick = text[text.index("## Quick start") : text.index("## Export your own")]
     assert "python3.11 -m venv .venv && . .venv/bin/activate" in quick
     assert "vedrt --version" in quick
+
+
+def test_engine_example_runs_after_the_python_example(monkeypatch, capsys) -> None:
+    """The engine snippet in "How it works" continues the "Generate from Python" session."""
+    import numpy as np
+
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    for section in ("Generate from Python", "How it works"):
+        code = _python_block(section)
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102  (the point of the test)
+    capsys.readouterr()
+    gen, pixels = namespace["gen"], namespace["pixel_values"]
+    np.testing.assert_array_equal(namespace["ids"], gen.generate(pixels, num_beams=4))
+    assert namespace["engine"].idle()

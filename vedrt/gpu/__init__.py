@@ -39,7 +39,7 @@ def _check_precision(precision: Any) -> None:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
-def torch_executor(
+def torch_backend(
     manifest: Manifest,
     device: str = "cuda",
     threads: int | None = None,
@@ -67,7 +67,7 @@ def torch_executor(
     return TorchExecutor(model, device, dtype, cuda_graphs=cuda_graphs, owned=owned)
 
 
-def ort_cuda_executor(
+def ort_cuda_backend(
     manifest: Manifest, device: str = "cuda", threads: int | None = None, precision: str = "fp32"
 ):
     """backend="onnxruntime", device="cuda": the fp32 graphs with every tensor on the device."""
@@ -80,4 +80,4 @@ def ort_cuda_executor(
     return OrtCudaExecutor(manifest, device, threads)
 
 
-__all__ = ["PRECISIONS", "ort_cuda_executor", "torch_executor"]
+__all__ = ["PRECISIONS", "ort_cuda_backend", "torch_backend"]

@@ -19,9 +19,9 @@ from .options import check_threads
 # (backend, device kind) -> "module:function(manifest, device, threads, **options) -> Executor"
 REGISTRY: dict[tuple[str, str], str] = {
     ("onnxruntime", "cpu"): "vedrt.runtime.executor:ort_executor",
-    ("onnxruntime", "cuda"): "vedrt.gpu:ort_cuda_executor",
-    ("torch", "cpu"): "vedrt.gpu:torch_executor",
-    ("torch", "cuda"): "vedrt.gpu:torch_executor",
+    ("onnxruntime", "cuda"): "vedrt.gpu:ort_cuda_backend",
+    ("torch", "cpu"): "vedrt.gpu:torch_backend",
+    ("torch", "cuda"): "vedrt.gpu:torch_backend",
     ("tensorrt", "cuda"): "vedrt.tensorrt.runtime:trt_executor",
 }
 
