@@ -273,3 +273,10 @@ def test_cli_and_api_report_a_bad_option_with_the_same_line(scenes, capsys) -> N
         scenes.options(num_beams=0)
     assert main(["caption", str(EXAMPLES / "scene1.png"), "--num-beams", "0"]) == 2
     assert capsys.readouterr().err.strip() == f"vedrt caption: error: {api.value}"
+
+
+def test_an_unconvertible_mode_is_an_input_error(scenes) -> None:
+    from vedrt.runtime import InputError
+
+    with pytest.raises(InputError, match="cannot convert mode La"):
+        scenes.caption([Image.new("La", (8, 8))])
