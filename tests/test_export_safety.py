@@ -168,7 +168,12 @@ def test_next_export_cleans_what_a_killed_export_left(tmp_path, checkpoint):
     live.mkdir()
     unrelated = tmp_path / ".out.partial-notes"  # not vedrt's naming: not touched
     unrelated.mkdir()
-    report = export_model(checkpoint, tmp_path / "out", validate=False)
-    assert sorted(_partials(tmp_path)) == sorted([live.name, unrelated.name])
+    older = tmp_path / ".x.partial-ab12cd34"  # an older vedrt's, without a pid: reported
+    older.mkdir()
+    # the next export into the same folder, under another name, cleans up
+    report = export_model(checkpoint, tmp_path / "other", validate=False)
+    assert sorted(_partials(tmp_path)) == sorted([live.name, unrelated.name, older.name])
     assert any("removed" in w and stale[0] in w for w in report.warnings)
     assert any("left" in w and live.name in w for w in report.warnings)
+    assert any(older.name in w for w in report.warnings)
+    assert not any(unrelated.name in w for w in report.warnings)

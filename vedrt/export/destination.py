@@ -100,6 +100,7 @@ def _contains(out: Path, source: Path) -> bool:
 
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[^/]*$")
+_OLD_STYLE = re.compile(r"^\..+\.partial-[a-z0-9_]{8}$")  # vedrt 0.1's, without a process id
 
 
 def _alive(pid: int) -> bool:
@@ -115,30 +116,34 @@ def _alive(pid: int) -> bool:
 
 
 def clean_leftovers(out: Path) -> list[str]:
-    """Remove temporary directories of killed exports into `out`; say which were left alone.
+    """Remove temporary directories of killed exports beside `out`; say what was left alone.
 
-    Only `.OUT.partial-PID-*` directories, which vedrt writes, are removed, and only when process
-    PID is gone: a running export's directory is reported, not touched. A `.OUT.old-PID-*`
-    directory holds a previous export moved aside by a run killed mid-swap: reported, never removed.
+    Only `.NAME.partial-PID-*` directories, which vedrt writes, are removed, and only when process
+    PID is gone: a running export's directory is reported, not touched. A `.NAME.old-PID-*`
+    directory holds a previous export moved aside by a run killed mid-swap, and an older vedrt's
+    `.NAME.partial-XXXXXXXX` carries no process id: both are reported, never removed.
     """
     notes = []
     if not out.parent.is_dir():
         return notes
     for path in sorted(out.parent.iterdir()):
+        if path.is_symlink() or not path.is_dir():
+            continue
         match = _LEFTOVER.match(path.name)
-        if not match or match["name"] != out.name or path.is_symlink() or not path.is_dir():
+        if match is None:
+            if _OLD_STYLE.match(path.name):
+                notes.append(
+                    f"{path} looks like an interrupted export's; remove it if no export is running"
+                )
             continue
         if _alive(int(match["pid"])):
             notes.append(f"left {path} alone: process {match['pid']} (an export?) is running")
-            continue
-        if match["kind"] == "old":
+        elif match["kind"] == "old":
             notes.append(f"{path} holds a previous export moved aside by an interrupted export")
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        if path.exists():
-            notes.append(f"could not remove {path}, left by an interrupted export")
         else:
-            notes.append(f"removed {path}, left by an interrupted export")
+            shutil.rmtree(path, ignore_errors=True)
+            state = "could not remove" if path.exists() else "removed"
+            notes.append(f"{state} {path}, left by an interrupted export")
     return notes
 
 
