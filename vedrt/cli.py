@@ -12,6 +12,8 @@ import importlib.util
 import os
 import sys
 
+from . import __version__
+
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "caption": (
@@ -58,7 +60,7 @@ def missing_packages(packages: tuple[str, ...]) -> list[str]:
     return missing
 
 
-def require(command: str, packages: tuple[str, ...], extra: str) -> None:
+def require(packages: tuple[str, ...], extra: str) -> None:
     """One line naming the extra to install, instead of a ModuleNotFoundError halfway through."""
     missing = missing_packages(packages)
     if missing:
@@ -77,8 +79,6 @@ def _parser() -> argparse.ArgumentParser:
         prog="vedrt",
         description="Fast, exact inference for encoder-decoder image captioning and OCR models.",
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"vedrt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_module, help_text) in SUBCOMMANDS.items():
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     try:
         if name in REQUIRES:
-            require(name, *REQUIRES[name])
+            require(*REQUIRES[name])
         return int(module.run(args) or 0)
     except UsageError as exc:
         print(f"vedrt {name}: error: {exc}", file=sys.stderr)
