@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vedrt {name}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `vedrt caption ... | head -1`: the reader is gone, stop quietly
-        _discard_stdout()
+        discard_stdout()
         return 141
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] in ("vedrt", "benchmarks"):
@@ -135,7 +135,7 @@ def _missing_message(command: str, package: str | None) -> str:
     )
 
 
-def _discard_stdout() -> None:
+def discard_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush does not fail a second time."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
