@@ -60,18 +60,22 @@ def test_overwrite_refuses_what_is_not_a_vedrt_export(tmp_path, checkpoint, caps
     assert main(["export", "--overwrite", "--no-validate", str(checkpoint), str(other)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no vedrt.json" in err[0]
-    # a vedrt.json alone does not make a directory with subdirectories an export
+    # a vedrt.json does not make a directory holding other files (or folders) an export
     (other / "vedrt.json").write_text("{}")
     (other / "data").mkdir()
     (other / "data" / "keep.bin").write_bytes(b"1")
     assert main(["export", "--overwrite", "--no-validate", str(checkpoint), str(other)]) == 2
-    assert "left untouched" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "left untouched" in err and "data, notes.txt" in err
     assert (other / "notes.txt").read_text() == "mine\n" and (other / "data" / "keep.bin").exists()
     # a real export is replaced
     out = tmp_path / "out"
     assert main(["export", "--no-validate", str(checkpoint), str(out)]) == 0
     assert main(["export", "--overwrite", "--no-validate", str(checkpoint), str(out)]) == 0
     assert (out / "vedrt.json").is_file()
+    (out / "my-notes.txt").write_text("mine\n")  # a user's file in an export: kept, refused
+    assert main(["export", "--overwrite", "--no-validate", str(checkpoint), str(out)]) == 2
+    assert "my-notes.txt" in capsys.readouterr().err and (out / "my-notes.txt").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -164,7 +168,12 @@ def test_next_export_cleans_what_a_killed_export_left(tmp_path, checkpoint):
     live.mkdir()
     unrelated = tmp_path / ".out.partial-notes"  # not vedrt's naming: not touched
     unrelated.mkdir()
-    report = export_model(checkpoint, tmp_path / "out", validate=False)
-    assert sorted(_partials(tmp_path)) == sorted([live.name, unrelated.name])
+    older = tmp_path / ".x.partial-ab12cd34"  # an older vedrt's, without a pid: reported
+    older.mkdir()
+    # the next export into the same folder, under another name, cleans up
+    report = export_model(checkpoint, tmp_path / "other", validate=False)
+    assert sorted(_partials(tmp_path)) == sorted([live.name, unrelated.name, older.name])
     assert any("removed" in w and stale[0] in w for w in report.warnings)
     assert any("left" in w and live.name in w for w in report.warnings)
+    assert any(older.name in w for w in report.warnings)
+    assert not any(unrelated.name in w for w in report.warnings)

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import sys
 
+from . import __version__
 from .errors import UsageError, VedrtError  # noqa: F401  (UsageError: importable from here too)
 
 # name -> (module, one-line help)
@@ -61,7 +62,7 @@ def missing_packages(packages: tuple[str, ...]) -> list[str]:
     return missing
 
 
-def require(command: str, packages: tuple[str, ...], extra: str) -> None:
+def require(packages: tuple[str, ...], extra: str) -> None:
     """One line naming the extra to install, instead of a ModuleNotFoundError halfway through."""
     missing = missing_packages(packages)
     if missing:
@@ -76,8 +77,6 @@ def _parser() -> argparse.ArgumentParser:
         prog="vedrt",
         description="Fast, exact inference for encoder-decoder image captioning and OCR models.",
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"vedrt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_module, help_text) in SUBCOMMANDS.items():
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     try:
         if name in REQUIRES:
-            require(name, *REQUIRES[name])
+            require(*REQUIRES[name])
         return int(module.run(args) or 0)
     except VedrtError as exc:
         print(f"vedrt {name}: error: {exc}", file=sys.stderr)
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vedrt {name}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `vedrt caption ... | head -1`: the reader is gone, stop quietly
-        _discard_stdout()
+        discard_stdout()
         return 141
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] in ("vedrt", "benchmarks"):
@@ -135,7 +134,7 @@ def _missing_message(command: str, package: str | None) -> str:
     )
 
 
-def _discard_stdout() -> None:
+def discard_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush does not fail a second time."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -1,14 +1,15 @@
 """Where an export lands: checks on the destination, the temporary directory, the final move.
 
 The rule throughout is that vedrt never deletes what it did not write. `--overwrite` replaces only
-a directory that is itself a vedrt export (it has a vedrt.json and nothing but files) and that does
-not hold the checkpoint being exported. Temporary directories carry the exporting process's id, so
+a directory that is itself a vedrt export (a vedrt.json, and no file vedrt does not write) and that
+does not hold the checkpoint being exported. Temporary directories carry the exporting process's id, so
 the next export into the same parent can tell a killed run's leftovers (removed) from a running
 export's work in progress (left alone and reported).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
@@ -17,6 +18,26 @@ import tempfile
 from pathlib import Path
 
 MANIFEST = "vedrt.json"
+# What an export directory holds: vedrt's files, the checkpoint's configs, the tokenizer files
+# transformers saves, and `vedrt build`'s engines. --overwrite refuses a directory with anything else.
+WRITTEN = {
+    MANIFEST,
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "tensorrt.json",
+}
+WRITTEN_PATTERNS = ("*.onnx", "*.onnx.data", "*.engine")
 
 
 class DestinationError(ValueError):
@@ -25,7 +46,11 @@ class DestinationError(ValueError):
 
 def check(out: Path, overwrite: bool, source: Path | None) -> None:
     """Refuse, before any work, a destination the export must not write or replace."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+    if out.is_symlink():
+        raise DestinationError(
+            f"output path {out} is a symbolic link: give the directory it points to"
+        )
+    if out.exists() and not out.is_dir():
         raise DestinationError(f"output path exists and is not a directory: {out}")
     if source is not None and _contains(out, source):
         what = "is the checkpoint" if _same(out, source) else "contains the checkpoint"
@@ -46,12 +71,19 @@ def check(out: Path, overwrite: bool, source: Path | None) -> None:
             f"--overwrite replaces only a vedrt export directory; {out} has no {MANIFEST}, "
             "so it is left untouched (choose an empty or new directory)"
         )
-    others = sorted(p.name for p in entries if p.is_dir() and not p.is_symlink())
+    others = sorted(p.name for p in entries if not _written_by_vedrt(p))
     if others:
         raise DestinationError(
-            f"--overwrite refused: {out} holds directories a vedrt export does not have "
-            f"({', '.join(others[:3])}), so it is left untouched"
+            f"--overwrite refused: {out} holds files vedrt does not write "
+            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), so it is left untouched"
         )
+
+
+def _written_by_vedrt(path: Path) -> bool:
+    """A file `vedrt export` or `vedrt build` writes into an export directory."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    return path.name in WRITTEN or any(fnmatch.fnmatch(path.name, p) for p in WRITTEN_PATTERNS)
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -68,6 +100,7 @@ def _contains(out: Path, source: Path) -> bool:
 
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[^/]*$")
+_OLD_STYLE = re.compile(r"^\..+\.partial-[a-z0-9_]{8}$")  # vedrt 0.1's, without a process id
 
 
 def _alive(pid: int) -> bool:
@@ -83,30 +116,34 @@ def _alive(pid: int) -> bool:
 
 
 def clean_leftovers(out: Path) -> list[str]:
-    """Remove temporary directories of killed exports into `out`; say which were left alone.
+    """Remove temporary directories of killed exports beside `out`; say what was left alone.
 
-    Only `.OUT.partial-PID-*` directories, which vedrt writes, are removed, and only when process
-    PID is gone: a running export's directory is reported, not touched. A `.OUT.old-PID-*`
-    directory holds a previous export moved aside by a run killed mid-swap: reported, never removed.
+    Only `.NAME.partial-PID-*` directories, which vedrt writes, are removed, and only when process
+    PID is gone: a running export's directory is reported, not touched. A `.NAME.old-PID-*`
+    directory holds a previous export moved aside by a run killed mid-swap, and an older vedrt's
+    `.NAME.partial-XXXXXXXX` carries no process id: both are reported, never removed.
     """
     notes = []
     if not out.parent.is_dir():
         return notes
     for path in sorted(out.parent.iterdir()):
+        if path.is_symlink() or not path.is_dir():
+            continue
         match = _LEFTOVER.match(path.name)
-        if not match or match["name"] != out.name or path.is_symlink() or not path.is_dir():
+        if match is None:
+            if _OLD_STYLE.match(path.name):
+                notes.append(
+                    f"{path} looks like an interrupted export's; remove it if no export is running"
+                )
             continue
         if _alive(int(match["pid"])):
             notes.append(f"left {path} alone: process {match['pid']} (an export?) is running")
-            continue
-        if match["kind"] == "old":
+        elif match["kind"] == "old":
             notes.append(f"{path} holds a previous export moved aside by an interrupted export")
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        if path.exists():
-            notes.append(f"could not remove {path}, left by an interrupted export")
         else:
-            notes.append(f"removed {path}, left by an interrupted export")
+            shutil.rmtree(path, ignore_errors=True)
+            state = "could not remove" if path.exists() else "removed"
+            notes.append(f"{state} {path}, left by an interrupted export")
     return notes
 
 

@@ -61,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print(path: str, caption: str, as_json: bool) -> None:
+    from ..cli import discard_stdout
     from ..errors import UsageError
 
     line = (
@@ -73,14 +74,8 @@ def _print(path: str, caption: str, as_json: bool) -> None:
     except BrokenPipeError:
         raise  # the reader went away (`| head`): vedrt.cli stops quietly
     except OSError as exc:  # `> /dev/full`, a full disk: one line, and no second failed flush
-        _discard_stdout()
+        discard_stdout()
         raise UsageError(f"cannot write the captions: {exc.strerror or exc}") from None
-
-
-def _discard_stdout() -> None:
-    from ..cli import _discard_stdout as discard
-
-    discard()
 
 
 def _model_dir(args: argparse.Namespace, usage_error) -> Path:

@@ -347,13 +347,15 @@ def check(o: GenerationOptions, max_positions: int | None) -> None:
 
 
 # ONNX Runtime intra-op threads when `load()` is given none. Measured (issue #9) on this project's
-# 2-core shared machines, median generate() of 16 new tokens, batch 1, load average 9-10:
-#   scene model       greedy  1 thread 71 ms,   2 threads 213 ms,  ORT default 255 ms
-#                     beam 4  1 thread 148 ms,  2 threads 430 ms,  ORT default 469 ms
-#   ViT-base + GPT2   greedy  1 thread 4.9 s,   2 threads 7.8 s,   ORT default 8.3 s
-#                     beam 4  1 thread 5.5 s,   2 threads 9.9 s,   ORT default 10.4 s
-# One thread was the fast one for both sizes: ORT's spinning pool loses its time slices to the
-# other processes. On a dedicated machine a base-sized model can gain from threads=N.
+# 2-core shared machines: median generate() of 16 new tokens, batch 1, interleaved, two runs at
+# load averages 9-10 and 6-7 (noisy; ORT default = its own thread count, spinning pool):
+#                          1 thread        2 threads       ORT default
+#   scene model   greedy   71 / 92 ms      213 / 274 ms    255 / 167 ms
+#                 beam 4   148 / 201 ms    430 / 488 ms    469 / 228 ms
+#   ViT-base+GPT2 greedy   4.87 / 3.25 s   7.83 / 5.44 s   8.27 / 3.47 s
+#                 beam 4   5.54 / 3.97 s   9.91 / 6.93 s   10.43 / 3.87 s
+# One thread was the fast one (or within noise of it) for both sizes: extra threads lose their
+# time slices to other processes. On a dedicated many-core machine pass threads=N for big models.
 DEFAULT_THREADS = 1
 
 

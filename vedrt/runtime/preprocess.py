@@ -129,7 +129,7 @@ class ImageProcessor:
 
     def __call__(self, images: list[Any]) -> np.ndarray:
         """PIL images -> pixel values `[batch, 3, height, width]` float32."""
-        return np.stack([self.one(to_rgb(image)) for image in images])
+        return np.stack([self.one(_rgb_or_input_error(image, i)) for i, image in enumerate(images)])
 
     def one(self, image) -> np.ndarray:
         array = np.asarray(image, dtype=np.uint8)
@@ -289,6 +289,15 @@ def to_rgb(image):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL warns about palette transparency
         return image.convert("RGB")
+
+
+def _rgb_or_input_error(image, index: int):
+    try:
+        return to_rgb(image)
+    except (ValueError, OSError) as exc:
+        raise InputError(
+            f"image {index}: cannot convert mode {image.mode} to RGB ({exc})"
+        ) from None
 
 
 def _upright(image):

@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
     # before any inference: the scores need sacrebleu, the PyTorch reference torch/transformers
     needs = ("sacrebleu",) + (("torch", "transformers") if args.checkpoint else ())
-    require("eval", needs, "train")
+    require(needs, "train")
     from vedrt.train.metrics import caption_scores
 
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
