@@ -218,7 +218,6 @@ def test_cli_json_beams_threads(export_dir, image_files):
 
 @pytest.mark.parametrize("beams", ["1", "3"])
 def test_cli_explain_writes_attention_maps(export_dir, image_files, tmp_path, beams):
-    pytest.importorskip("vedrt.runtime.explain")
     out = tmp_path / "map.png"
     f = image_files
     result = run_cli(
