@@ -31,6 +31,7 @@ def _fake_attentions(
     return out
 
 
+@pytest.mark.runtime
 def test_token_maps_drop_prefix_and_pick_rows() -> None:
     att = _fake_attentions(3, prompt=2)
     maps = token_maps(att, grid=(4, 4), rows=[0, 1, 0])
@@ -42,6 +43,7 @@ def test_token_maps_drop_prefix_and_pick_rows() -> None:
         token_maps(att, grid=(3, 3))
 
 
+@pytest.mark.runtime
 @pytest.mark.parametrize(
     "size,tokens", [((64, 64), ["a", "Ġsmall", "Ġred", "Ġcircle"]), ((90, 40), ["x"] * 8)]
 )
