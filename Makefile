@@ -1,7 +1,7 @@
 # Two commands from a fresh clone (see the README):
 #   make demo   a .venv with vedrt installed, then the shipped scene model captions examples/
 #   make test   a .venv-dev with the dev extras (CI's pins), then the test suite
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PYTHON ?= $(if $(shell command -v python3.11),python3.11,python3)
 # The CPU build of torch lies in /opt/wheels on the project's machines (as in .ci/run).
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 

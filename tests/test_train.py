@@ -128,6 +128,7 @@ def _eval_losses(checkpoint: Path) -> list[float]:
     ]
 
 
+@pytest.mark.filterwarnings("ignore:mtime may not be reliable")  # checkpoint rotation, harmless
 def test_train_on_user_folder_lowers_the_loss(tmp_path: Path) -> None:
     """Training really learns: the validation loss after the last step is well below the first."""
     data = _user_folder(tmp_path / "data")
