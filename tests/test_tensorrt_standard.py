@@ -42,18 +42,31 @@ def session(model) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
 
 
+DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
 def random_feeds(sess: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs for any of the export's graphs: symbolic dims 2, ids small, other integers 0."""
+    """Inputs for any of the export's graphs: symbolic dims 2, ids small, masks open, other
+    integers (positions, lengths, slot indices) 0."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in sess.get_inputs():
         shape = [d if isinstance(d, int) else 2 for d in spec.shape]
-        if spec.type == "tensor(float)":
-            feeds[spec.name] = rng.standard_normal(shape).astype(np.float32)
+        dtype = DTYPES[spec.type]
+        if "mask" in spec.name:
+            feeds[spec.name] = np.ones(shape, dtype)
+        elif np.issubdtype(dtype, np.floating):
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
         elif "ids" in spec.name:
-            feeds[spec.name] = rng.integers(3, 60, shape).astype(np.int64)
+            feeds[spec.name] = rng.integers(3, 60, shape).astype(dtype)
         else:
-            feeds[spec.name] = np.zeros(shape, np.int64)
+            feeds[spec.name] = np.zeros(shape, dtype)
     return feeds
 
 
