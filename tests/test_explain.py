@@ -31,6 +31,7 @@ def _fake_attentions(
     return out
 
 
+@pytest.mark.runtime
 def test_token_maps_drop_prefix_and_pick_rows() -> None:
     att = _fake_attentions(3, prompt=2)
     maps = token_maps(att, grid=(4, 4), rows=[0, 1, 0])
@@ -42,6 +43,7 @@ def test_token_maps_drop_prefix_and_pick_rows() -> None:
         token_maps(att, grid=(3, 3))
 
 
+@pytest.mark.runtime
 @pytest.mark.parametrize(
     "size,tokens", [((64, 64), ["a", "Ġsmall", "Ġred", "Ġcircle"]), ((90, 40), ["x"] * 8)]
 )
@@ -103,16 +105,15 @@ def test_runtime_cross_attention_equals_transformers(exported) -> None:
 
 
 def test_caption_explain_writes_png(exported, tmp_path: Path) -> None:
-    """`vedrt caption IMAGE --explain OUT.png` (skipped until the caption CLI has the option)."""
+    """`vedrt caption IMAGE --explain OUT.png` writes one picture of the documented layout."""
     import argparse
+    import shutil
 
     from vedrt.runtime import cli as caption_cli
 
     parser = argparse.ArgumentParser()
     caption_cli.add_arguments(parser)
-    if "--explain" not in parser.format_help():
-        pytest.skip("vedrt caption has no --explain yet")
-    import shutil
+    assert "--explain" in parser.format_help()
 
     from tiny_models import VOCAB
     from tokenizers import Tokenizer

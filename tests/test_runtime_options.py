@@ -17,6 +17,7 @@ from vedrt.runtime.processors import banned_ngram_tokens, top_k, top_p
 CHECKPOINT = {"decoder_start_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "max_length": 20}
 
 
+@pytest.mark.runtime
 def test_defaults_follow_transformers():
     o = resolve(CHECKPOINT, {})
     assert o.max_length == 21  # the default max_length 20 means 20 *new* tokens
@@ -29,6 +30,7 @@ def test_defaults_follow_transformers():
     assert resolve({**CHECKPOINT, "num_beams": 4}, {"num_beams": 1}).num_beams == 1
 
 
+@pytest.mark.runtime
 def test_special_token_fallbacks():
     o = resolve({"bos_token_id": 5, "eos_token_id": [7, 8]}, {})
     assert o.decoder_start_token_id == 5 and o.eos_token_id == (7, 8) and o.pad_token_id == 7
@@ -36,16 +38,19 @@ def test_special_token_fallbacks():
         resolve({}, {})
 
 
+@pytest.mark.runtime
 def test_min_new_tokens_wins_over_min_length():
     assert resolve(CHECKPOINT, {"min_new_tokens": 4, "min_length": 10}).min_length == 5
     assert resolve(CHECKPOINT, {"min_length": 10}).min_length == 10
 
 
+@pytest.mark.runtime
 def test_unknown_option_is_a_type_error():
     with pytest.raises(TypeError, match="'beams'"):
         resolve(CHECKPOINT, {"beams": 3})
 
 
+@pytest.mark.runtime
 def test_options_are_frozen_and_documented():
     o = resolve(CHECKPOINT, {})
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -56,6 +61,7 @@ def test_options_are_frozen_and_documented():
         assert "#" in line, f"field {f.name} has no comment"
 
 
+@pytest.mark.runtime
 @pytest.mark.parametrize(
     "overrides,words",
     [
@@ -72,6 +78,7 @@ def test_invalid_options(overrides, words):
         resolve(CHECKPOINT, overrides)
 
 
+@pytest.mark.runtime
 def test_max_positions_bound():
     assert resolve(CHECKPOINT, {"max_new_tokens": 63}, max_positions=64).max_length == 64
     with pytest.raises(InputError, match="64"):

@@ -9,6 +9,7 @@ different steps.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -172,6 +173,7 @@ def test_every_family(exported, encoder, decoder):
 def test_scores_and_cross_attentions_match(spread):
     """output_scores / output_attentions: transformers' per-step layout and values."""
     model, generator, pv, eos = spread
+    model = copy.deepcopy(model)  # the fixture is shared by the module: leave it as it was
     model.set_attn_implementation("eager")  # sdpa returns no attention probabilities
     for kwargs in (
         {"max_new_tokens": 6},
@@ -214,9 +216,85 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(spread):
         np.testing.assert_array_equal(
             generator.generate(pv, do_sample=True, top_k=1, seed=seed, max_new_tokens=10), greedy
         )
-    samples = generator.generate(
-        pv, do_sample=True, seed=3, num_return_sequences=2, top_p=0.9, max_new_tokens=6
+
+
+def next_token_log_probs(model, pv: np.ndarray, sequences: np.ndarray) -> np.ndarray:
+    """log p(token | image, prefix) from transformers for every prefix of every row (float64).
+
+    Row r of `sequences` belongs to image r // (rows per image). Entry [r, t] is the distribution
+    of the token at position t + 1, computed independently of the runtime.
+    """
+    per_image = len(sequences) // len(pv)
+    images = torch.from_numpy(np.repeat(pv, per_image, axis=0))
+    ids = torch.from_numpy(sequences)
+    with torch.no_grad():
+        logits = model(pixel_values=images, decoder_input_ids=ids).logits.double()
+    return torch.log_softmax(logits, dim=-1).numpy()
+
+
+def generated_steps(sequences: np.ndarray, eos: int = 2):
+    """(row, t) of each generated token up to and including the row's first EOS."""
+    for row, seq in enumerate(sequences):
+        for t in range(1, seq.shape[0]):
+            yield row, t
+            if seq[t] == eos:
+                break
+
+
+def test_top_p_samples_only_from_the_nucleus(spread):
+    """Nucleus sampling: a tiny top_p is greedy; a seed repeats; each token lies in the nucleus."""
+    model, generator, pv, _ = spread
+    greedy = generator.generate(pv, max_new_tokens=10)
+    np.testing.assert_array_equal(
+        generator.generate(pv, do_sample=True, top_p=1e-6, top_k=0, seed=1, max_new_tokens=10),
+        greedy,
     )
-    assert samples.shape[0] == 2 * len(pv)
-    beam_sample = generator.generate(pv, do_sample=True, num_beams=3, seed=3, max_new_tokens=6)
-    assert beam_sample.shape[0] == len(pv)
+    top_p = 0.6
+    runs = []
+    for seed in range(4):
+        options = dict(do_sample=True, top_p=top_p, top_k=0, num_return_sequences=2, seed=seed)
+        out = generator.generate(pv, max_new_tokens=10, **options)
+        np.testing.assert_array_equal(out, generator.generate(pv, max_new_tokens=10, **options))
+        assert out.shape[0] == 2 * len(pv)
+        runs.append(out)
+    assert any(not np.array_equal(runs[0], r) for r in runs[1:]), "seeds gave one sample"
+    excluded = 0  # steps where the nucleus left out tokens worth >= 1% of the mass
+    for out in runs:
+        log_probs = next_token_log_probs(model, pv, out)
+        for row, t in generated_steps(out):
+            probs = np.exp(log_probs[row, t - 1])
+            token = out[row, t]
+            mass_above = probs[probs > probs[token]].sum()
+            assert mass_above < top_p + 1e-4, (row, t, token, mass_above)
+            order = np.sort(probs)[::-1]
+            nucleus = int(np.searchsorted(np.cumsum(order), top_p)) + 1
+            excluded += order[nucleus:].sum() >= 0.01
+    assert excluded > 10, "the nucleus never cut anything: the test would not catch a bug"
+
+
+def test_beam_sampling_keeps_to_top_k_and_cools_to_beam_search(spread):
+    """Beam sampling: a seed repeats; every token is among its parent's top-k; near-zero
+    temperature makes the sampled candidates the best ones, i.e. plain beam search."""
+    model, generator, pv, _ = spread
+    top_k = 3
+    options = dict(do_sample=True, num_beams=3, num_return_sequences=3, top_k=top_k)
+    runs = []
+    for seed in range(3):
+        out = generator.generate(pv, seed=seed, max_new_tokens=8, **options)
+        np.testing.assert_array_equal(
+            out, generator.generate(pv, seed=seed, max_new_tokens=8, **options)
+        )
+        assert out.shape[0] == 3 * len(pv)
+        log_probs = next_token_log_probs(model, pv, out)
+        for row, t in generated_steps(out):
+            scores = log_probs[row, t - 1]
+            kth = np.sort(scores)[::-1][top_k - 1]
+            assert scores[out[row, t]] >= kth - 1e-4, (seed, row, t)
+        runs.append(out)
+    assert any(not np.array_equal(runs[0], r) for r in runs[1:]), "seeds gave one sample"
+    beam = generator.generate(pv, num_beams=3, max_new_tokens=8)
+    for seed in range(3):
+        cold = generator.generate(
+            pv, do_sample=True, num_beams=3, temperature=1e-3, seed=seed, max_new_tokens=8
+        )
+        np.testing.assert_array_equal(cold, beam)

@@ -8,6 +8,8 @@ import pytest
 from vedrt.data import scenes
 from vedrt.data.scenes import AXIS_MARGIN, COLORS, SIZES, parse_caption, render, scene_at
 
+pytestmark = pytest.mark.runtime  # also run in CI's runtime-only stage (no torch)
+
 SAMPLE = [
     (seed, i)
     for seed in (scenes.TRAIN_SEED, scenes.VALID_SEED, scenes.HELDOUT_SEED)

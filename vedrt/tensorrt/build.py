@@ -6,10 +6,14 @@ keep normalisation, softmax, reductions and the attention masking in FP32 (layer
 constraints under OBEY_PRECISION_CONSTRAINTS): those are where half precision loses the tokens.
 A timing cache shared by every build makes rebuilds fast; an engine whose key (GPU, TensorRT
 version, precision, graph bytes, profile) is unchanged is not rebuilt at all.
+
+The parser is handed `parser_input()`: the saved graph with ONNX Runtime's contrib fusions
+rewritten into standard ONNX ops (`standard.py`), its weights still read from `<graph>.onnx.data`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -81,14 +85,16 @@ def build_engines(
         spec = manifest["graphs"][graph]
         onnx_path = export_dir / spec["file"]
         shapes = profile_shapes(spec["inputs"], limits)
-        key = engine_key(gpu, trt.__version__, precision, file_digest(onnx_path), shapes)
+        prepared = parser_input(onnx_path)
+        digest = hashlib.sha256(f"{file_digest(onnx_path)}:{prepared.digest}".encode()).hexdigest()
+        key = engine_key(gpu, trt.__version__, precision, digest, shapes)
         path = export_dir / engine_file(graph, precision, key)
         if path.is_file():
             report.reused.append(graph)
         else:
             log(f"building {graph} ({precision}) ...")
             start = time.perf_counter()
-            plan = build_one(trt, logger, onnx_path, shapes, fp16, cache_path)
+            plan = build_one(trt, logger, prepared, shapes, fp16, cache_path)
             _write_atomically(path, plan)
             report.seconds[graph] = time.perf_counter() - start
             old = entries.get(graph, {}).get("file")
@@ -103,14 +109,44 @@ def build_engines(
     return report
 
 
-def build_one(trt, logger, onnx_path: Path, shapes, fp16: bool, cache_path: Path) -> bytes:
-    """Parse one ONNX graph and build a serialized engine, updating the timing cache."""
+@dataclass(frozen=True)
+class ParserInput:
+    """What TensorRT's ONNX parser reads for one graph: standard ops only, weights by reference."""
+
+    model_bytes: bytes  # the serialized ModelProto; large tensors still point at .onnx.data
+    path: Path  # the saved graph: the parser resolves external weights relative to it
+    rewritten: dict[str, int]  # contrib op -> how many were decomposed
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_bytes).hexdigest()
+
+
+def parser_input(onnx_path: Path) -> ParserInput:
+    """The graph at `onnx_path` as TensorRT must see it: contrib fusions decomposed.
+
+    Pure ONNX (no TensorRT needed), so the exact bytes the builder parses are testable anywhere.
+    """
+    import onnx
+
+    from .standard import StandardizeError, standardize
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        rewritten = standardize(model)
+    except StandardizeError as exc:
+        raise BuildError(f"{onnx_path.name}: {exc}") from None
+    return ParserInput(model.SerializeToString(), onnx_path, rewritten)
+
+
+def build_one(trt, logger, graph: ParserInput, shapes, fp16: bool, cache_path: Path) -> bytes:
+    """Parse one standardized ONNX graph and build a serialized engine, updating the timing cache."""
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse(graph.model_bytes, str(graph.path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BuildError(f"{onnx_path.name}: TensorRT cannot parse it ({errors[:300]})")
+        raise BuildError(f"{graph.path.name}: TensorRT cannot parse it ({errors[:300]})")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     if fp16:
@@ -126,7 +162,7 @@ def build_one(trt, logger, onnx_path: Path, shapes, fp16: bool, cache_path: Path
     config.set_timing_cache(timing_cache, ignore_mismatch=True)  # a stale cache is just slower
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise BuildError(f"{onnx_path.name}: TensorRT failed to build an engine (see its log)")
+        raise BuildError(f"{graph.path.name}: TensorRT failed to build an engine (see its log)")
     _write_atomically(cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
 

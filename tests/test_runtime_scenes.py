@@ -1,0 +1,125 @@
+"""The runtime alone, on the shipped scene model: generation options, the engine and the CLI give
+the documented results. Needs no torch, so CI's runtime-only stage runs it where torch is absent
+(any torch import on the runtime path fails there; test_runtime_errors.py checks in a subprocess
+that none happens even where torch is installed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vedrt.cli import main
+from vedrt.runtime import InputError, load
+
+pytestmark = pytest.mark.runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENES = ROOT / "vedrt" / "models" / "scenes"
+EXAMPLES = ROOT / "examples"
+ROWS = [json.loads(line) for line in (EXAMPLES / "captions.jsonl").read_text().splitlines()]
+IMAGES = [EXAMPLES / row["image"] for row in ROWS]
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return load(SCENES, threads=1)
+
+
+@pytest.fixture(scope="module")
+def pixels(gen) -> np.ndarray:
+    return gen.preprocess(IMAGES)
+
+
+def test_greedy_scores_pick_the_tokens(gen, pixels) -> None:
+    out = gen.generate(pixels, return_dict=True, output_scores=True)
+    seqs = out.sequences
+    assert seqs.dtype == np.int64 and (seqs[:, 0] == 1).all()  # decoder_start_token_id
+    assert len(out.scores) == seqs.shape[1] - 1
+    for step, scores in enumerate(out.scores):
+        live = [r for r in range(len(seqs)) if EOS not in seqs[r, 1 : step + 1]]
+        np.testing.assert_array_equal(scores[live].argmax(-1), seqs[live, step + 1])
+    assert gen.decode(seqs) == [row["caption"] for row in ROWS]
+
+
+def test_beams_return_sorted_sequences(gen, pixels) -> None:
+    out = gen.generate(pixels, num_beams=4, num_return_sequences=3, return_dict=True)
+    assert out.sequences.shape[0] == 3 * len(IMAGES)
+    scores = out.sequences_scores.reshape(len(IMAGES), 3)
+    assert (np.diff(scores, axis=1) <= 1e-6).all(), scores  # best first
+    best = gen.decode(out.sequences)[::3]
+    assert best == [row["caption"] for row in ROWS]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(gen, pixels) -> None:
+    greedy = gen.generate(pixels)
+    hot = dict(do_sample=True, temperature=3.0, max_new_tokens=8)
+    a = gen.generate(pixels, seed=5, **hot)
+    np.testing.assert_array_equal(a, gen.generate(pixels, seed=5, **hot))
+    assert any(not np.array_equal(a, gen.generate(pixels, seed=s, **hot)) for s in range(6, 10))
+    np.testing.assert_array_equal(gen.generate(pixels, do_sample=True, top_k=1, seed=3), greedy)
+
+
+def test_no_repeat_ngram_and_max_new_tokens(gen, pixels) -> None:
+    out = gen.generate(pixels, max_new_tokens=4)
+    assert out.shape[1] <= 5
+    for row in gen.generate(pixels, no_repeat_ngram_size=1, max_new_tokens=12):
+        tokens = [int(t) for t in row[1:] if t != 0]
+        assert len(tokens) == len(set(tokens)), row
+
+
+def test_engine_results_equal_generate(gen, pixels) -> None:
+    """Requests of different options through one small engine: each equals its solo generate()."""
+    requests = [
+        (pixels[:1], {}),
+        (pixels[1:3], {"num_beams": 4}),
+        (pixels[3:4], {"num_beams": 2, "num_return_sequences": 2}),
+        (pixels[4:6], {"max_new_tokens": 5}),
+        (pixels[5:6], {"num_beams": 3, "no_repeat_ngram_size": 2}),
+    ]
+    engine = gen.engine(max_rows=8)
+    handles = [engine.submit(pv, **options) for pv, options in requests]
+    for _ in range(1000):  # bounded: every request needs at most 32 steps
+        if all(h.done() for h in handles):
+            break
+        engine.step()
+    for handle, (pv, options) in zip(handles, requests, strict=True):
+        assert handle.done()
+        np.testing.assert_array_equal(handle.result(timeout=0), gen.generate(pv, **options))
+
+
+def test_engine_thread_serves_submissions(gen, pixels) -> None:
+    engine = gen.engine(max_rows=8).start()
+    try:
+        handles = [engine.submit(pixels[i : i + 1], num_beams=2) for i in range(len(IMAGES))]
+        results = [h.result(timeout=60) for h in handles]
+    finally:
+        engine.stop(drain=True)
+    assert [gen.decode(r)[0] for r in results] == [row["caption"] for row in ROWS]
+
+
+def test_engine_rejects_a_request_larger_than_its_rows(gen, pixels) -> None:
+    engine = gen.engine(max_rows=4)
+    with pytest.raises(InputError, match="needs 8 decoder rows.*max_rows=4"):
+        engine.submit(pixels[:2], num_beams=4)
+
+
+def test_cli_captions_examples_with_the_default_model(capsys) -> None:
+    assert main(["caption", *map(str, IMAGES), "--json", "--num-beams", "3"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["caption"] for r in records] == [row["caption"] for row in ROWS]
+    assert [r["image"] for r in records] == [str(p) for p in IMAGES]
+
+
+def test_cli_explain_writes_a_map_per_image(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    out = tmp_path / "map.png"
+    assert main(["caption", *map(str, IMAGES[:2]), "--explain", str(out)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    for path in (out, tmp_path / "map-2.png"):
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size[0] > 64
