@@ -61,6 +61,7 @@ def run_mix(generator, images: np.ndarray, max_rows: int, mix=MIX):
     return submitted
 
 
+@pytest.mark.runtime
 def test_mixed_requests_on_the_scene_model_equal_their_solo_runs():
     generator = load(SCENES)
     paths = sorted(EXAMPLES.glob("*.png")) + sorted(EXAMPLES.glob("*.jpg"))
@@ -139,6 +140,7 @@ def test_mixed_requests_on_random_models_differ_only_at_near_ties(family, tmp_pa
     assert identical >= len(mix) // 2
 
 
+@pytest.mark.runtime
 def test_engine_limits_order_and_cancellation():
     generator = load(SCENES)
     images = generator.preprocess(sorted(EXAMPLES.glob("*.png"))[:3])
@@ -166,6 +168,7 @@ def test_engine_limits_order_and_cancellation():
     np.testing.assert_array_equal(small.result(), generator.generate(images[2:3]))
 
 
+@pytest.mark.runtime
 def test_background_loop_threads_and_stop():
     generator = load(SCENES)
     images = generator.preprocess(sorted(EXAMPLES.glob("*.png")))
