@@ -141,6 +141,39 @@ def test_mixed_requests_on_random_models_differ_only_at_near_ties(family, tmp_pa
 
 
 @pytest.mark.runtime
+@pytest.mark.parametrize("options", [{}, {"num_beams": 3}, {"num_beams": 2, "return_dict": True}])
+def test_requests_admitted_together_share_one_search(options):
+    """Equal options, admitted on the same step: one cohort search, each request answered as
+    soon as its own images are done, with exactly its solo result."""
+    generator = load(SCENES)
+    images = generator.preprocess(sorted(EXAMPLES.glob("*.png")) + sorted(EXAMPLES.glob("*.jpg")))
+    engine = generator.engine(max_rows=32)
+    handles = [engine.submit(images[i : i + 1], **options) for i in range(4)]
+    handles.append(engine.submit(images[4:6], **options))  # a two-image member
+    cancelled = engine.submit(images[:1], **options)
+    engine.step()
+    assert engine.active_requests == 1  # one search for all six
+    assert cancelled.cancel()
+    answered_at = {}
+    for step in range(100):
+        for handle in engine.step():
+            answered_at[id(handle)] = step
+        if engine.idle():
+            break
+    assert len(set(answered_at.values())) > 1, "members should finish at their own steps"
+    for i, handle in enumerate(handles):
+        pv = images[i : i + 1] if i < 4 else images[4:6]
+        solo, ours = generator.generate(pv, **options), handle.result()
+        if options.get("return_dict"):
+            np.testing.assert_array_equal(ours.beam_indices, solo.beam_indices)
+            np.testing.assert_allclose(ours.sequences_scores, solo.sequences_scores, atol=1e-6)
+            solo, ours = solo.sequences, ours.sequences
+        np.testing.assert_array_equal(ours, solo)
+    with pytest.raises(EngineStopped):
+        cancelled.result()
+
+
+@pytest.mark.runtime
 def test_engine_limits_order_and_cancellation():
     generator = load(SCENES)
     images = generator.preprocess(sorted(EXAMPLES.glob("*.png"))[:3])

@@ -32,14 +32,33 @@ __all__ = ["Engine", "EngineStopped", "Handle"]
 
 
 class _Active:
-    """A request admitted to the pool: its search, its rows and its image slots."""
+    """Requests admitted to the pool together with the same options, stepped as one search (a
+    cohort: one batched search costs the host what one request does), with its rows and image
+    slots. Each member is answered as soon as its own images are done: the search decides that
+    per slice exactly as a search over that member alone would."""
 
-    def __init__(self, handle: Handle, search: Any, offset: int, slots: list[int]):
-        self.handle = handle
+    def __init__(self, members: list[tuple[Handle, slice]], search: Any, offset: int, slots: list):
+        self.members = members
         self.search = search
         self.offset = offset
         self.rows = search.rows
         self.slots = slots
+        self.options = members[0][0].options
+
+    @property
+    def handles(self) -> list[Handle]:
+        return [handle for handle, _ in self.members]
+
+    def open_members(self) -> list[tuple[Handle, slice]]:
+        return [(h, images) for h, images in self.members if not h.done()]
+
+
+def _cohort_key(o: GenerationOptions) -> Any:
+    """Requests with equal options may share one search, unless they sample (each has its own
+    random stream) or collect per-step scores or attentions (those are per search)."""
+    if o.do_sample or o.output_scores or o.output_attentions:
+        return object()  # a key equal to no other
+    return o
 
 
 class Engine:
@@ -133,21 +152,30 @@ class Engine:
                 out = self._decode()
             except Exception as exc:  # the step failed for every row in it
                 for a in self._active:
-                    a.handle._finish(error=exc)
-                finished += [a.handle for a in self._active]
+                    for handle, _ in a.open_members():
+                        handle._finish(error=exc)
+                        finished.append(handle)
                 self._release([*self._active])
                 return finished
-            done = [a for a in self._active if self._advance(a, out)]
+            done = []
+            for a in self._active:
+                answered, over = self._advance(a, out)
+                finished += answered
+                if over:
+                    done.append(a)
             self._release(done)
             self.stats["step_seconds"] += time.perf_counter() - began
-            return finished + [a.handle for a in done]
+            return finished
 
     def _drop_cancelled(self) -> list[Handle]:
-        gone = [a for a in self._active if a.handle.cancelled]
-        for a in gone:
-            a.handle._finish(error=EngineStopped("the request was cancelled"))
-        self._release(gone)
-        return [a.handle for a in gone]
+        dropped = []
+        for a in self._active:
+            for handle, _ in a.open_members():
+                if handle.cancelled:
+                    handle._finish(error=EngineStopped("the request was cancelled"))
+                    dropped.append(handle)
+        self._release([a for a in self._active if not a.open_members()])
+        return dropped
 
     def _take_admissible(self) -> list[Handle]:
         """Waiting requests that fit in the free rows, first in, first out (no overtaking)."""
@@ -182,24 +210,35 @@ class Engine:
                 h._finish(error=exc)
             return
         self._ensure_pool(taken, encoded)
-        index = 0
-        for handle in taken:
-            o, batch = handle.options, int(handle.pixel_values.shape[0])
-            search = new_search(ops, o, batch)
+        first_image, cohorts, index = {}, {}, 0
+        for handle in taken:  # where each request's images are in `encoded`; cohorts by options
+            first_image[id(handle)] = index
+            index += int(handle.pixel_values.shape[0])
+            cohorts.setdefault(_cohort_key(handle.options), []).append(handle)
+        for handles in cohorts.values():
+            members, batch = [], 0
+            for handle in handles:
+                count = int(handle.pixel_values.shape[0])
+                members.append((handle, slice(batch, batch + count)))
+                batch += count
+            search = new_search(ops, handles[0].options, batch)
             slots = self._claim_slots(batch)
-            for slot in slots:
-                self.pool.put_image(slot, encoded.cross, encoded.mask, index)
-                index += 1
+            images = [
+                first_image[id(h)] + i for h in handles for i in range(h.pixel_values.shape[0])
+            ]
+            for slot, image in zip(slots, images, strict=True):
+                self.pool.put_image(slot, encoded.cross, encoded.mask, image)
             offset = self.active_rows
             end = offset + search.rows
             self.pool.input_ids[offset:end, 0] = search.first_tokens()
             self.pool.past_lengths[offset:end] = 0
-            self._active.append(_Active(handle, search, offset, slots))
-            handle.admitted()
+            self._active.append(_Active(members, search, offset, slots))
+            for handle in handles:
+                handle.admitted()
         self._groups = 0
 
     def _ensure_pool(self, taken: list[Handle], encoded: Any) -> None:
-        lengths = [a.handle.options.max_length for a in self._active]
+        lengths = [a.options.max_length for a in self._active]
         lengths += [h.options.max_length for h in taken]
         cache_len = max(lengths) - PROMPT_LEN
         if self._cache_len is not None:
@@ -243,8 +282,8 @@ class Engine:
         self.stats["rows_last_step"] = rows
         return out
 
-    def _advance(self, a: _Active, out: Any) -> bool:
-        """One search step for request `a` on its rows; True when it finished."""
+    def _advance(self, a: _Active, out: Any) -> tuple[list[Handle], bool]:
+        """One search step for `a` on its rows: (the requests answered, whether `a` is over)."""
         start, end = a.offset, a.offset + a.rows
         attn = [x[start:end] for x in out.cross_attn] if out.cross_attn is not None else None
         top = None
@@ -252,21 +291,30 @@ class Engine:
             top = (out.top_logprobs[start:end], out.top_ids[start:end])
         try:
             advance = a.search.step(out.logits[start:end], attn, top)
-        except Exception as exc:  # one request's failure is its own
-            a.handle._finish(error=exc)
-            return True
+        except Exception as exc:  # one search's failure is its own requests'
+            for handle, _ in a.open_members():
+                handle._finish(error=exc)
+            return a.handles, True
         pool = self.pool
         pool.past_lengths[start:end] += 1
         self.stats["tokens"] += a.rows
-        if advance.done:
-            result = a.search.result()
-            a.handle._finish(result if a.handle.options.return_dict else result.sequences)
-            self.stats["finished"] += 1
-            return True
+        answered, members = [], a.open_members()
+        if advance.done or len(a.members) == 1:
+            stopped = [advance.done] * len(members)
+        else:
+            stopped = a.search.stopped([images for _, images in members])
+        for (handle, images), stop in zip(members, stopped, strict=True):
+            if stop:
+                result = a.search.result(images)
+                handle._finish(result if handle.options.return_dict else result.sequences)
+                self.stats["finished"] += 1
+                answered.append(handle)
+        if advance.done or not a.open_members():
+            return answered, True
         if advance.source_rows is not None:
             self._reorder(a, advance.source_rows)
         pool.input_ids[start:end, 0] = advance.tokens
-        return False
+        return answered, False
 
     def _reorder(self, a: _Active, source: Any) -> None:
         """Beam search moved rows: copy only the rows that changed, within the request's range."""
@@ -332,7 +380,7 @@ class Engine:
             left = list(self._waiting)
             self._waiting.clear()
         with self._step_lock:
-            left += [a.handle for a in self._active]
+            left += [h for a in self._active for h, _ in a.open_members()]
             self._release([*self._active])
         for handle in left:
             handle._finish(error=EngineStopped("the engine stopped before this request finished"))

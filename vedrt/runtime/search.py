@@ -123,10 +123,25 @@ class GreedySearch:
         done = self.cur_len >= o.max_length or not bool(ops.any(self.unfinished))
         return Advance(tokens, None, done)
 
-    def result(self) -> GenerateOutput:
+    def result(self, images: slice = slice(None)) -> GenerateOutput:
+        """The output for all images, or for `images` alone: exactly what a search over just
+        those images would have returned when `stopped(images)` first became true."""
         scores, attentions = self.collect.result()
-        sequences = self.ops.to_numpy(self.seqs[:, : self.cur_len]).copy()
+        rows = self._rows(images)
+        sequences = self.ops.to_numpy(self.seqs[rows, : self.cur_len]).copy()
         return GenerateOutput(sequences, None, scores, attentions)
+
+    def stopped(self, members: list[slice]) -> list[bool]:
+        """For each slice of the images: would a search over just those have stopped? (`step`'s
+        test on their rows; one host copy for all of them)"""
+        if self.cur_len >= self.o.max_length:
+            return [True] * len(members)
+        unfinished = self.ops.to_numpy(self.unfinished)
+        return [not unfinished[self._rows(images)].any() for images in members]
+
+    def _rows(self, images: slice) -> slice:
+        start, stop, _ = images.indices(self.batch)
+        return slice(start * self.rows_per_image, stop * self.rows_per_image)
 
 
 class BeamSearch:
@@ -272,20 +287,42 @@ class BeamSearch:
         worst = ops.where(self.finished, ops.min(self.scores, axis=1), ops.scalar(BIG_NEG))
         return self.improvable & ops.any(best_running > worst, axis=-1)
 
-    def _has_unfinished(self) -> bool:
-        """transformers' `_beam_search_has_unfinished_sequences`: the one host sync per step."""
+    def _has_unfinished(self, images: slice = slice(None)) -> bool:
+        """transformers' `_beam_search_has_unfinished_sequences`: the one host sync per step.
+        On a slice of the images: what a search over just those would decide (images never
+        influence each other's beams, finished sets or stopping tests)."""
         ops = self.ops
-        improvement_possible = bool(ops.any(self.improvable))
-        exists_open_beam = not (bool(ops.all(self.finished)) and self.o.early_stopping is True)
-        valid_continuations = not bool(ops.all(self.hits))
+        improvement_possible = bool(ops.any(self.improvable[images]))
+        exists_open_beam = not (
+            bool(ops.all(self.finished[images])) and self.o.early_stopping is True
+        )
+        valid_continuations = not bool(ops.all(self.hits[images]))
         return improvement_possible and exists_open_beam and valid_continuations
 
-    def result(self) -> GenerateOutput:
-        """The best `num_return_sequences` per image, cropped to the longest generated one."""
+    def stopped(self, members: list[slice]) -> list[bool]:
+        """For each slice of the images: would a search over just those have stopped? The same
+        test as `_has_unfinished`, on per-image flags copied to the host once for all slices."""
+        ops = self.ops
+        improvable = ops.to_numpy(self.improvable)[:, 0]
+        full = ops.to_numpy(ops.all(self.finished, axis=1))[:, 0]
+        hits = ops.to_numpy(ops.all(self.hits, axis=1))[:, 0]
+        early = self.o.early_stopping is True
+        return [
+            not (improvable[s].any() and not (early and full[s].all()) and not hits[s].all())
+            for s in members
+        ]
+
+    def result(self, images: slice = slice(None)) -> GenerateOutput:
+        """The best `num_return_sequences` per image, cropped to the longest generated one; for
+        `images` alone, what a search over just those returned when `stopped(images)` held."""
         ops, n = self.ops, self.o.num_return_sequences
-        sequences = ops.to_numpy(self.sequences[:, :n]).reshape(self.batch * n, -1)
-        seq_scores = ops.to_numpy(self.scores[:, :n]).reshape(self.batch * n)
-        indices = ops.to_numpy(self.indices[:, :n]).reshape(self.batch * n, -1)
+        count = len(range(*images.indices(self.batch)))
+        sequences = ops.to_numpy(self.sequences[images, :n]).reshape(count * n, -1)
+        seq_scores = ops.to_numpy(self.scores[images, :n]).reshape(count * n)
+        indices = ops.to_numpy(self.indices[images, :n]).reshape(count * n, -1)
+        first = images.indices(self.batch)[0]
+        if first:  # rows are numbered from the slice's first image, as its own search would
+            indices = np.where(indices != -1, indices - first * self.o.num_beams, -1)
         generated = int((indices != -1).sum(axis=1).max())
         scores, attentions = self.collect.result()
         return GenerateOutput(
