@@ -40,6 +40,7 @@ def serve_process(args: argparse.Namespace) -> int:
     options = ServeOptions(
         model=args.model,
         max_rows=args.max_rows,
+        admit_every=args.admit_ms / 1000,
         threads=args.threads,
         max_queue=256,
         request_timeout=600,
@@ -173,6 +174,8 @@ def start_server(args: argparse.Namespace, mode: str, port: int) -> subprocess.P
         str(args.max_rows),
         "--window-ms",
         str(args.window_ms),
+        "--admit-ms",
+        str(args.admit_ms),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     process = subprocess.Popen(command, cwd=REPO, env=env)
@@ -279,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="engine ONNX Runtime threads")
     parser.add_argument("--max-rows", type=int, default=32)
     parser.add_argument("--window-ms", type=float, default=5.0, help="dynamic batcher's window")
+    parser.add_argument(
+        "--admit-ms", type=float, default=0.0, help="engine: ms between admissions (vedrt serve)"
+    )
     parser.add_argument(
         "--tokens-only",
         action="store_true",

@@ -226,3 +226,20 @@ def test_background_loop_threads_and_stop():
     waiting = [stopped.submit(images[:1]) for _ in range(3)]
     stopped.stop(drain=False)
     assert all(isinstance(h.exception(timeout=1), EngineStopped) for h in waiting)
+
+
+@pytest.mark.runtime
+def test_admission_window_holds_new_requests_while_rows_run():
+    generator = load(SCENES)
+    images = generator.preprocess(sorted(EXAMPLES.glob("*.png"))[:2])
+    engine = generator.engine(max_rows=8, admit_every=3600.0)
+    first = engine.submit(images[:1])
+    engine.step()  # nothing runs yet: admitted at once
+    second = engine.submit(images[1:2])
+    engine.step()
+    assert engine.active_requests == 1 and engine.pending == 1  # waits for the window
+    while not first.done():
+        engine.step()
+    while not second.done():  # the engine ran dry: admitted without waiting
+        engine.step()
+    np.testing.assert_array_equal(second.result(), generator.generate(images[1:2]))

@@ -64,9 +64,20 @@ def _cohort_key(o: GenerationOptions) -> Any:
 class Engine:
     """A pool of `max_rows` decoder rows that requests join and leave at step boundaries."""
 
-    def __init__(self, generator: Any, max_rows: int = 32, cache_len: int | None = None):
+    def __init__(
+        self,
+        generator: Any,
+        max_rows: int = 32,
+        cache_len: int | None = None,
+        admit_every: float = 0.0,
+    ):
+        """admit_every: seconds between admissions while requests are running (0: every step).
+        Requests arriving within one such window are admitted together, and those with equal
+        options share one search: fewer searches per step, at the cost of up to that wait."""
         if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
             raise InputError(f"max_rows must be a positive integer, got {max_rows!r}")
+        self.admit_every = float(admit_every)
+        self._last_admission = 0.0
         self.gen = generator
         self.executor = generator.executor
         self.ops = self.executor.ops
@@ -179,6 +190,10 @@ class Engine:
 
     def _take_admissible(self) -> list[Handle]:
         """Waiting requests that fit in the free rows, first in, first out (no overtaking)."""
+        now = time.monotonic()
+        if self._active and now - self._last_admission < self.admit_every:
+            return []
+        self._last_admission = now
         free = self.max_rows - self.active_rows
         taken = []
         with self._lock:

@@ -53,10 +53,10 @@ class Generator:
             engine.step()
         return handle.result()
 
-    def engine(self, max_rows: int = 32) -> Engine:
+    def engine(self, max_rows: int = 32, admit_every: float = 0.0) -> Engine:
         """An engine over this generator: requests stepped together at every decoder step
         (continuous batching); see `vedrt.runtime.engine`."""
-        return Engine(self, max_rows=max_rows)
+        return Engine(self, max_rows=max_rows, admit_every=admit_every)
 
     def check_pixel_values(self, pixel_values: Any) -> np.ndarray:
         """One clear error for the wrong type, dtype, rank or size, before any graph runs."""

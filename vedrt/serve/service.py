@@ -32,6 +32,7 @@ class ServeOptions:
     model: str = str(DEFAULT_MODEL)
     name: str | None = None  # default: the export directory's name
     max_rows: int = 32  # decoder rows the engine steps together
+    admit_every: float = 0.0  # seconds between admissions while rows run (0: every step)
     max_queue: int = 64  # requests waiting for rows beyond that; more get 503
     max_body_mb: float = 32.0
     request_timeout: float = 60.0  # seconds from arrival to answer; past it, 504
@@ -65,7 +66,9 @@ class Service:
         self.generator = generator or load(options.model, threads=options.threads)
         _ = self.generator.processor  # load once, not on a decoding thread
         self.has_tokenizer = _loads_tokenizer(self.generator)
-        self.engine = engine or self.generator.engine(max_rows=options.max_rows)
+        self.engine = engine or self.generator.engine(
+            max_rows=options.max_rows, admit_every=options.admit_every
+        )
         self.pool = ThreadPoolExecutor(options.decode_threads, thread_name_prefix="vedrt-decode")
         self.metrics = Metrics(self)
         self.in_flight = 0  # admitted and not yet answered
