@@ -55,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the results")
     parser.add_argument("--stem", default="results", help="file name of the JSON/MD/PNG outputs")
+    parser.add_argument(
+        "--probe-reps",
+        type=int,
+        default=5,
+        help="repetitions of each roofline probe (GEMM rates, read bandwidth); 0: no roofline",
+    )
 
 
 def _selected(args: argparse.Namespace):
@@ -85,12 +91,22 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.time()
     load_before = os.getloadavg()
-    models = []
+    specs = []
     for name in [m for m in args.models.split(",") if m]:
         spec = prepare(name, args.work_dir, precisions, log)
         if spec is None:
             log(f"{name}: not available here, skipped")
-            continue
+        else:
+            specs.append(spec)
+    probed = None
+    if args.probe_reps > 0 and args.device == "cpu":
+        from .roofline import probe
+
+        log("roofline: fp32 and int8 GEMM rates, read bandwidth")
+        shaped = next((s.exports["fp32"] for s in specs if "fp32" in s.exports), None)
+        probed = probe(args.threads, shaped, reps=args.probe_reps)
+    models = []
+    for spec in specs:
         models.append(
             run_model(
                 spec,
@@ -103,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
                 log_dir=log_dir,
             )
         )
+        if probed is not None:
+            from .roofline import annotate
+
+            annotate(models[-1], spec.exports, probed)
         if spec.name == "scenes" and {"fp32", "int8"} <= set(spec.exports):
             from .agreement import caption_agreement
 
@@ -120,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         "reps": args.reps,
         "warmups": args.warmups,
         "device": args.device,
+        "roofline": probed,
         "models": models,
     }
     paths = report.write(result, args.out, args.stem)
