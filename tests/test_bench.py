@@ -165,3 +165,17 @@ def test_roofline_probe_measures_positive_rates_of_correct_products():
     a = np.random.default_rng(3).standard_normal((4, 16), dtype=np.float32)
     (y,) = _session(model, 1).run(None, {"a": a})
     assert np.allclose(y, a @ w, atol=0.05 * np.abs(a @ w).max())
+
+
+def test_session_option_study_runs_every_option_set(exported):
+    from benchmarks.sessions import OPTION_SETS, memory, weight_bytes
+
+    _, out = exported("vit", "gpt2")
+    result = memory(out, rounds=1, threads=1, generations=1)
+    assert result["weights_mb"] == pytest.approx(weight_bytes(out) / 1e6) and weight_bytes(out) > 0
+    assert set(result["option_sets"]) == set(OPTION_SETS)
+    for name, row in result["option_sets"].items():
+        assert "error" not in row, f"{name}: {row.get('error')}"  # ORT accepted every option
+        assert row["peak_rss_mb"] >= row["rss_after_load_mb"] > 0
+        assert row["generate_s"] > 0 and row["step_s"] > 0
+        assert row["mapped_after_run_mb"]["[anon]"] > 0
