@@ -21,6 +21,9 @@ lookup table is read a few rows at a time; GPT-2's tied head is also a `MatMul` 
 counts), each once. The decoder's attention FLOPs and K/V cache bytes come from the manifest
 (layers, heads x head_dim, positions so far, encoder length).
 
+The harness probes before and after the generations and keeps each rate's better reading
+(`combine`): a floor must not rise because the machine was busier while it was probed.
+
 `floor()` then sums, per phase, max(FLOPs / rate, bytes / bandwidth): the encoder and the cross
 K/V once per image, then each of the `new_tokens` decoder steps for `batch x beams` rows (weights
 once per step, each row's self-attention cache, each image's cross-attention K/V once, since the
@@ -331,6 +334,14 @@ def probe(threads: int, export_dir: Path | None = None, reps: int = 5) -> dict[s
         "load_average": os.getloadavg()[0],
         "seconds": time.perf_counter() - started,
     }
+
+
+def combine(first: dict, second: dict) -> dict[str, Any]:
+    """Two probes of one run (before and after the generations): each rate's better median."""
+    rates = {k: max(first["rates"][k], second["rates"][k]) for k in first["rates"]}
+    read = max((first["read"], second["read"]), key=lambda r: r["median"])
+    best = max((first, second), key=lambda p: p["rates"]["fp32_flops"])
+    return best | {"rates": rates, "read": read, "probes": [first, second]}
 
 
 def annotate(model: dict, exports: dict[str, Path], probed: dict) -> None:

@@ -57,6 +57,8 @@ def test_harness_runs_backends_side_by_side(tmp_path):
             assert row["efficiency"] == pytest.approx(row["floor"]["floor_s"] / row["p50_s"])
     rates = report["roofline"]["rates"]
     assert min(rates.values()) > 0
+    probes = report["roofline"]["probes"]  # before and after the generations: the better reading
+    assert len(probes) == 2 and rates == {k: max(p["rates"][k] for p in probes) for k in rates}
     assert model["backends"]["vedrt-int8-cpu"]["disk_bytes"] > 0
     table = (out / "results.md").read_text()
     assert "| vedrt fp32 (cpu) | identical |" in table and "batch 1, beam 2" in table
