@@ -2,7 +2,9 @@
 
 The default run is what 2 cores afford in a few minutes: ViT-base + GPT2-small, batch 1, beam 4
 and greedy, 16 new tokens, every backend installed. `--full` runs the whole matrix (ViT-GPT2,
-TrOCR-base and the scene model; batch 1, 8 and 32; greedy and beam 4).
+TrOCR-base and the scene model; batch 1, 8 and 32; greedy and beam 4). Every run also measures
+the machine's GEMM rates and read bandwidth and reports each row's floor and floor / p50
+(`benchmarks/roofline.py`; `--probe-reps 0` skips it).
 """
 
 from __future__ import annotations
