@@ -2,7 +2,9 @@
 
 The default run is what 2 cores afford in a few minutes: ViT-base + GPT2-small, batch 1, beam 4
 and greedy, 16 new tokens, every backend installed. `--full` runs the whole matrix (ViT-GPT2,
-TrOCR-base and the scene model; batch 1, 8 and 32; greedy and beam 4).
+TrOCR-base and the scene model; batch 1, 8 and 32; greedy and beam 4). Every run also measures
+the machine's GEMM rates and read bandwidth and reports each row's floor and floor / p50
+(`benchmarks/roofline.py`; `--probe-reps 0` skips it).
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the results")
     parser.add_argument("--stem", default="results", help="file name of the JSON/MD/PNG outputs")
+    parser.add_argument(
+        "--probe-reps",
+        type=int,
+        default=5,
+        help="repetitions of each roofline probe (GEMM rates, read bandwidth); 0: no roofline",
+    )
 
 
 def _selected(args: argparse.Namespace):
@@ -85,12 +93,22 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.time()
     load_before = os.getloadavg()
-    models = []
+    specs = []
     for name in [m for m in args.models.split(",") if m]:
         spec = prepare(name, args.work_dir, precisions, log)
         if spec is None:
             log(f"{name}: not available here, skipped")
-            continue
+        else:
+            specs.append(spec)
+    probed, shaped = None, None
+    if args.probe_reps > 0 and args.device == "cpu":
+        from .roofline import probe
+
+        log("roofline: fp32 and int8 GEMM rates, read bandwidth")
+        shaped = next((s.exports["fp32"] for s in specs if "fp32" in s.exports), None)
+        probed = probe(args.threads, shaped, reps=args.probe_reps)
+    models = []
+    for spec in specs:
         models.append(
             run_model(
                 spec,
@@ -110,6 +128,15 @@ def run(args: argparse.Namespace) -> int:
             models[-1]["caption_agreement"] = caption_agreement(
                 spec.exports["fp32"], spec.exports["int8"], threads=args.threads
             )
+    if probed is not None:
+        from .roofline import annotate, combine, probe
+
+        # the load of a shared machine moves between the probe and the generations: probing again
+        # afterwards and keeping each rate's better reading keeps the floor a floor
+        log("roofline: probing again after the generations")
+        probed = combine(probed, probe(args.threads, shaped, reps=args.probe_reps))
+        for spec, model in zip(specs, models, strict=True):
+            annotate(model, spec.exports, probed)
     result = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": time.time() - started,
@@ -120,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         "reps": args.reps,
         "warmups": args.warmups,
         "device": args.device,
+        "roofline": probed,
         "models": models,
     }
     paths = report.write(result, args.out, args.stem)

@@ -64,6 +64,11 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{b / a:.2f}x"
 
 
+def _efficiency(row: dict) -> str:
+    """floor / measured: 100% would be the machine's GEMM rate and bandwidth, all the time."""
+    return "-" if row.get("efficiency") is None else f"{row['efficiency']:.0%}"
+
+
 def _tokens(row: dict) -> str:
     a = row.get("agreement")
     if row["backend"].startswith("transformers"):
@@ -120,8 +125,8 @@ def model_table(model: dict) -> list[str]:
             "",
             f"### {_label(s)}",
             "",
-            "| backend | tokens | p50 | p90 | p99 | vs transformers | vs Optimum | images/s | encoder | first step | per token | peak RSS | load | on disk |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| backend | tokens | p50 | p90 | p99 | vs transformers | vs Optimum | floor | floor / p50 | images/s | encoder | first step | per token | peak RSS | load | on disk |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in model["results"]:
             if row["setting"] != s or "p50_s" not in row:
@@ -130,7 +135,8 @@ def model_table(model: dict) -> list[str]:
             lines.append(
                 f"| {b['name']} {b['precision']} ({b['device']}) | {_tokens(row)} | {_ms(row['p50_s'])} | "
                 f"{_ms(row['p90_s'])} | {_ms(row['p99_s'])} | {_ratio(row['p50_s'], ref)} | "
-                f"{_ratio(row['p50_s'], opt)} | {row['images_per_s']:.2f} | {_ms(row.get('encoder_s'))} | "
+                f"{_ratio(row['p50_s'], opt)} | {_ms((row.get('floor') or {}).get('floor_s'))} | "
+                f"{_efficiency(row)} | {row['images_per_s']:.2f} | {_ms(row.get('encoder_s'))} | "
                 f"{_ms(row.get('first_step_s'))} | {_ms(row.get('per_token_s'))} | "
                 f"{row['peak_rss_mb']:,.0f} MB | {_ms(b.get('load_s'))} | {_mb(b.get('disk_bytes'))} |"
             )
@@ -147,6 +153,24 @@ def _load_line(report: dict) -> str:
     )
 
 
+def roofline_line(report: dict) -> str:
+    """The machine's rates measured in this run, which every floor is computed from."""
+    probed = report.get("roofline")
+    if not probed:
+        return ""
+    rates, read = probed["rates"], probed["read"]
+    best = max(probed["fp32_gemm"], key=lambda r: r["median"])["shape"]
+    return (
+        f"Roofline, measured in this run ({probed['threads']} threads, ONNX Runtime): fp32 GEMM "
+        f"{rates['fp32_flops'] / 1e9:.0f} GFLOP/s (best median, shape {best[0]}x{best[1]}x{best[2]}), "
+        f"int8 GEMM {rates['int8_flops'] / 1e9:.0f} GOP/s, read bandwidth "
+        f"{read['median'] / 1e9:.1f} GB/s (median of {read['reads']} reads, spread "
+        f"{read['min'] / 1e9:.1f}-{read['max'] / 1e9:.1f}). Floor: per phase max(FLOPs / GEMM rate, "
+        "bytes / bandwidth), encoder + cross K/V once per image, then every decoder step "
+        "(`benchmarks/roofline.py`); floor / p50 is the efficiency."
+    )
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
@@ -159,6 +183,8 @@ def markdown(report: dict) -> str:
         "interleaved across backends; each backend in its own process (its own peak RSS). Speedups are "
         "ratios of p50 latencies from this run. Per token: (total - encoder - first step) / (new tokens - 1).",
         _load_line(report),
+        "",
+        roofline_line(report),
         "",
     ]
     for model in report["models"]:
@@ -185,8 +211,15 @@ def readme_table(report: dict, model_name: str = "vit-gpt2") -> str:
             for beams in (4, 1):
                 row = by_beams.get(beams)
                 ref = _p50(model, row["setting"], "transformers") if row else None
+                floor = (
+                    ""
+                    if row is None or "efficiency" not in row
+                    else f", {_efficiency(row)} of floor"
+                )
                 cells.append(
-                    "-" if row is None else f"{_ms(row['p50_s'])} ({_ratio(row['p50_s'], ref)})"
+                    "-"
+                    if row is None
+                    else f"{_ms(row['p50_s'])} ({_ratio(row['p50_s'], ref)}{floor})"
                 )
             any_row = next(iter(by_beams.values()))
             lines.append(
@@ -198,10 +231,17 @@ def readme_table(report: dict, model_name: str = "vit-gpt2") -> str:
         "",
         f"{m['cpu']}, {m['cores']} cores, {report['threads']} threads, onnxruntime "
         f"{m['versions']['onnxruntime']}, torch {m['versions']['torch']}; p50 of {report['reps']} "
-        f"interleaved runs, (speedup vs transformers) from the same run"
+        f"interleaved runs, (speedup vs transformers, floor / p50) from the same run"
         + (f"; load average {load['start']:.1f}-{load['end']:.1f} (shared machine)" if load else "")
         + ". Details: benchmarks/results/results.md.",
     ]
+    probed = report.get("roofline")
+    if probed:
+        rates = probed["rates"]
+        lines[-1] += (
+            f" Floor from this run's fp32 GEMM {rates['fp32_flops'] / 1e9:.0f} GFLOP/s, int8 "
+            f"{rates['int8_flops'] / 1e9:.0f} GOP/s, read {rates['read_bytes'] / 1e9:.1f} GB/s."
+        )
     return "\n".join(lines) + "\n"
 
 

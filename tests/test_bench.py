@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tiny_models import tiny_model
 
@@ -31,6 +32,7 @@ def test_harness_runs_backends_side_by_side(tmp_path):
         "--threads", "1",
         "--work-dir", str(tmp_path / "work"),
         "--out", str(out),
+        "--probe-reps", "1",
     ]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "results.json").read_text())
@@ -44,10 +46,23 @@ def test_harness_runs_backends_side_by_side(tmp_path):
         assert vedrt["p50_s"] > 0 and vedrt["peak_rss_mb"] > 0
         assert {"encoder_s", "first_step_s", "per_token_s"} <= set(vedrt)
         assert rows["transformers-fp32-cpu", beams]["p50_s"] > 0
-        assert 0.0 <= rows["vedrt-int8-cpu", beams]["agreement"] <= 1.0
+        # one returned sequence per image: a share of identical sequences is 0 or 1, never None
+        assert rows["vedrt-int8-cpu", beams]["agreement"] in (0.0, 1.0)
+        for key in ("vedrt-fp32-cpu", "vedrt-int8-cpu"):
+            row = rows[key, beams]
+            parts = row["floor"]["encoder_floor_s"] + row["floor"]["decoder_floor_s"]
+            assert row["floor"]["floor_s"] == pytest.approx(parts)
+            # no generation beats the machine's floor; a tiny model is far from it
+            assert 0.0 < row["efficiency"] <= 1.0
+            assert row["efficiency"] == pytest.approx(row["floor"]["floor_s"] / row["p50_s"])
+    rates = report["roofline"]["rates"]
+    assert min(rates.values()) > 0
+    probes = report["roofline"]["probes"]  # before and after the generations: the better reading
+    assert len(probes) == 2 and rates == {k: max(p["rates"][k] for p in probes) for k in rates}
     assert model["backends"]["vedrt-int8-cpu"]["disk_bytes"] > 0
     table = (out / "results.md").read_text()
     assert "| vedrt fp32 (cpu) | identical |" in table and "batch 1, beam 2" in table
+    assert "Roofline, measured in this run" in table and "floor / p50" in table
     assert (out / "README-table.md").is_file() and (out / "results.png").stat().st_size > 0
 
 
@@ -66,3 +81,103 @@ def test_missing_backends_are_skipped_with_a_reason(tmp_path):
     spec = ModelSpec("m", None, {}, (32, 32), tmp_path)
     needs = Backend("x", "fp32", "cpu", lambda s, t: None, requires=("no_such_module_here.sub",))
     assert "not installed" in needs.skip_reason(spec)
+
+
+def test_agreement_counts_identical_sequences():
+    from benchmarks.harness import agreement
+
+    reference = [[1, 5, 7, 2], [1, 6, 6, 2]]
+    assert agreement([list(r) for r in reference], reference) == 1.0
+    perturbed = [[1, 5, 7, 2], [1, 6, 9, 2]]  # one token of one sequence differs
+    assert agreement(perturbed, reference) == 0.5
+    assert agreement([[1, 5, 7]], reference) == 0.0  # another shape: nothing agrees
+    assert agreement(reference, None) is None
+
+
+def _hand_count(model) -> dict[str, int]:
+    """ViT + GPT-2 FLOPs and decoder GEMM weights, written out from the configs by hand."""
+    enc, dec = model.config.encoder, model.config.decoder
+    h, inner, layers = enc.hidden_size, enc.intermediate_size, enc.num_hidden_layers
+    patches = (enc.image_size // enc.patch_size) ** 2
+    seq = patches + 1  # + [CLS]
+    per_layer = 2 * seq * (4 * h * h + 2 * h * inner)  # q, k, v, out; MLP up and down
+    per_layer += 2 * (2 * seq * seq * h)  # QK^T and AV over all heads
+    patch_embed = 2 * patches * h * enc.num_channels * enc.patch_size**2
+    d = dec.n_embd
+    cross_kv = dec.n_layer * 2 * seq * (2 * h * d)  # K and V of every decoder layer
+    # self c_attn (3 d^2), c_proj, cross q and c_proj, MLP (4d up and down); the tied head
+    decoder = dec.n_layer * (3 * d * d + 3 * d * d + 2 * d * 4 * d) + d * dec.vocab_size
+    return {"encoder": layers * per_layer + patch_embed + cross_kv, "decoder": decoder}
+
+
+def test_flop_count_of_a_tiny_model_is_the_hand_count(exported):
+    from benchmarks.roofline import encoder_flops, model_cost
+
+    model, out = exported("vit", "gpt2")
+    cost = model_cost(out)
+    hand = _hand_count(model)
+    assert encoder_flops(cost) == {"fp32": hand["encoder"], "int8": 0}
+    assert cost.decoder.fp32_weight_elems == hand["decoder"]
+    # a step streams every GEMM weight once (the tied head too) and at most the other decoder
+    # parameters but the position table (a lookup) and the cross K/V projections (cross_kv.onnx);
+    # the export stores identical tensors (fresh LayerNorm weights) once, hence not an equality
+    params = sum(p.numel() for p in model.decoder.parameters())
+    lookup = model.decoder.transformer.wpe.weight.numel()
+    cross = sum(
+        p.numel() for b in model.decoder.transformer.h for p in b.crossattention.c_attn.parameters()
+    )
+    assert 4 * hand["decoder"] < cost.decoder.weight_bytes <= 4 * (params - lookup - cross)
+
+
+def test_floor_counts_rows_batch_and_steps(exported):
+    from benchmarks.roofline import Rates, encoder_flops, floor, model_cost, step_work
+
+    _, out = exported("vit", "gpt2")
+    cost = model_cost(out)
+    compute = Rates(fp32_flops=1e9, int8_flops=1e9, read_bytes=1e30)  # compute-bound
+    one, two = floor(cost, compute, 1, 1, 3), floor(cost, compute, 2, 1, 3)
+    assert one["encoder_floor_s"] == pytest.approx(encoder_flops(cost)["fp32"] / 1e9)
+    assert two["encoder_floor_s"] == pytest.approx(2 * one["encoder_floor_s"])
+    beams = floor(cost, compute, 1, 4, 3)
+    assert beams["decoder_floor_s"] == pytest.approx(4 * one["decoder_floor_s"])
+    steps = sum(step_work(cost, 4, 1, past)["fp32"] for past in range(3))
+    assert beams["decoder_floor_s"] == pytest.approx(steps / 1e9)
+    memory = Rates(fp32_flops=1e30, int8_flops=1e30, read_bytes=1e9)  # bandwidth-bound
+    streamed = floor(cost, memory, 1, 4, 5)
+    weights = 5 * cost.decoder.weight_bytes / 1e9
+    assert weights < streamed["decoder_floor_s"] < weights * 1.5  # + the K/V caches
+
+
+def test_roofline_probe_measures_positive_rates_of_correct_products():
+    import onnxruntime  # noqa: F401
+
+    from benchmarks.roofline import _gemm_model, _session, gemm_rate, read_bandwidth
+
+    fp32 = gemm_rate(64, 128, 256, threads=1, reps=2)
+    int8 = gemm_rate(64, 128, 256, threads=1, int8=True, reps=2)
+    assert fp32["median"] > 0 and int8["median"] > 0 and fp32["shape"] == [64, 128, 256]
+    read = read_bandwidth(threads=1, mebibytes=8, reps=3)
+    assert 0 < read["min"] <= read["median"] <= read["max"] and read["reads"] == 3
+    # the int8 probe runs the product the int8 export runs: dequantized weights times activations
+    model = _gemm_model(16, 8, int8=True)
+    weights = {t.name: t for t in model.graph.initializer}
+    from onnx import numpy_helper
+
+    w = numpy_helper.to_array(weights["w"]).astype(np.float32) * 0.01
+    a = np.random.default_rng(3).standard_normal((4, 16), dtype=np.float32)
+    (y,) = _session(model, 1).run(None, {"a": a})
+    assert np.allclose(y, a @ w, atol=0.05 * np.abs(a @ w).max())
+
+
+def test_session_option_study_runs_every_option_set(exported):
+    from benchmarks.sessions import OPTION_SETS, memory, weight_bytes
+
+    _, out = exported("vit", "gpt2")
+    result = memory(out, rounds=1, threads=1, generations=1)
+    assert result["weights_mb"] == pytest.approx(weight_bytes(out) / 1e6) and weight_bytes(out) > 0
+    assert set(result["option_sets"]) == set(OPTION_SETS)
+    for name, row in result["option_sets"].items():
+        assert "error" not in row, f"{name}: {row.get('error')}"  # ORT accepted every option
+        assert row["peak_rss_mb"] >= row["rss_after_load_mb"] > 0
+        assert row["generate_s"] > 0 and row["step_s"] > 0
+        assert row["mapped_after_run_mb"]["[anon]"] > 0
