@@ -130,6 +130,17 @@ _BART_BLOCK = dict(
     hidden_size_field="d_model",
 )
 
+# RoBERTa and XLM-RoBERTa: BERT's blocks, fairseq positions, a gelu LM head
+_ROBERTA = dict(
+    base="roberta",
+    positions="padding",
+    head_dense="lm_head.dense",
+    head_activation="gelu",
+    head_norm="lm_head.layer_norm",
+    head="lm_head.decoder",
+    **_BERT_BLOCK,
+)
+
 DECODERS: tuple[DecoderFamily, ...] = (
     DecoderFamily(
         name="gpt2",
@@ -193,28 +204,8 @@ DECODERS: tuple[DecoderFamily, ...] = (
         head="cls.predictions.decoder",
         **_BERT_BLOCK,
     ),
-    DecoderFamily(
-        name="roberta",
-        model_types=("roberta",),
-        base="roberta",
-        positions="padding",
-        head_dense="lm_head.dense",
-        head_activation="gelu",
-        head_norm="lm_head.layer_norm",
-        head="lm_head.decoder",
-        **_BERT_BLOCK,
-    ),
-    DecoderFamily(
-        name="xlm-roberta",
-        model_types=("xlm-roberta",),
-        base="roberta",
-        positions="padding",
-        head_dense="lm_head.dense",
-        head_activation="gelu",
-        head_norm="lm_head.layer_norm",
-        head="lm_head.decoder",
-        **_BERT_BLOCK,
-    ),
+    DecoderFamily(name="roberta", model_types=("roberta",), **_ROBERTA),
+    DecoderFamily(name="xlm-roberta", model_types=("xlm-roberta",), **_ROBERTA),
     DecoderFamily(
         name="electra",  # ElectraForCausalLM: the generator's head, in the embedding width
         model_types=("electra",),
