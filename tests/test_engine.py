@@ -243,3 +243,25 @@ def test_admission_window_holds_new_requests_while_rows_run():
     while not second.done():  # the engine ran dry: admitted without waiting
         engine.step()
     np.testing.assert_array_equal(second.result(), generator.generate(images[1:2]))
+
+
+@pytest.mark.runtime
+def test_a_request_the_pool_cannot_take_fails_alone():
+    """An admission failure (here: the executor refuses the pool) answers those requests with
+    the error instead of leaving them waiting forever."""
+    generator = load(SCENES)
+    images = generator.preprocess(sorted(EXAMPLES.glob("*.png"))[:1])
+    engine = generator.engine(max_rows=4)
+
+    def refuse(*args, **kwargs):
+        raise InputError("no room on this device")
+
+    generator.executor.new_pool = refuse
+    try:
+        handle = engine.submit(images)
+        engine.step()
+        with pytest.raises(InputError, match="no room"):
+            handle.result(timeout=1)
+    finally:
+        del generator.executor.new_pool
+    assert engine.idle()

@@ -220,11 +220,11 @@ class Engine:
             if len(taken) > 1:  # one encoder batch for everything admitted together
                 pixels = np.concatenate([h.pixel_values for h in taken])
             encoded = self.executor.encode(pixels)
-        except Exception as exc:  # these requests' images could not be encoded
+            self._ensure_pool(taken, encoded)
+        except Exception as exc:  # these requests could not be encoded or given room
             for h in taken:
                 h._finish(error=exc)
             return
-        self._ensure_pool(taken, encoded)
         first_image, cohorts, index = {}, {}, 0
         for handle in taken:  # where each request's images are in `encoded`; cohorts by options
             first_image[id(handle)] = index
