@@ -29,9 +29,11 @@ class Manifest:
     """What the runtime needs from vedrt.json, with the directory it came from."""
 
     root: Path
-    image_size: tuple[int, int]
-    num_channels: int
-    enc_len: int
+    modality: str  # "image" (VisionEncoderDecoderModel) or "text" (EncoderDecoderModel)
+    image_size: tuple[int, int] | None  # images: (height, width)
+    num_channels: int | None
+    enc_len: int | None  # images: the encoder's output length; text: per input
+    encoder: dict[str, Any]  # the manifest's encoder section as written
     num_layers: int
     num_heads: int
     head_dim: int
@@ -100,15 +102,13 @@ def read_manifest(export_dir: str | Path) -> Manifest:
 
 
 def _parse(root: Path, data: dict[str, Any]) -> Manifest:
-    image_size = _get(data, "encoder", "image_size")
-    if not (
-        isinstance(image_size, list)
-        and len(image_size) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in image_size)
-    ):
+    encoder = _get(data, "encoder")
+    modality = encoder.get("modality", "image") if isinstance(encoder, dict) else None
+    if modality not in ("image", "text"):
         raise ExportDirError(
-            f"vedrt.json: encoder.image_size must be [height, width], got {image_size!r}"
+            f"vedrt.json: encoder.modality must be image or text, got {modality!r}"
         )
+    image_size = _image_size(data) if modality == "image" else None
     files = {}
     for name in GRAPHS:
         path = root / str(_get(data, "graphs", name, "file"))
@@ -122,11 +122,14 @@ def _parse(root: Path, data: dict[str, Any]) -> Manifest:
     special = data.get("special_tokens") or {}
     if not isinstance(generation_config, dict) or not isinstance(special, dict):
         raise ExportDirError("vedrt.json: generation_config and special_tokens must be objects")
+    image = modality == "image"
     return Manifest(
         root=root,
-        image_size=(image_size[0], image_size[1]),
-        num_channels=_int(data, "encoder", "num_channels"),
-        enc_len=_int(data, "encoder", "enc_len"),
+        modality=modality,
+        image_size=image_size,
+        num_channels=_int(data, "encoder", "num_channels") if image else None,
+        enc_len=_int(data, "encoder", "enc_len") if image else None,
+        encoder=encoder,
         num_layers=_int(data, "decoder", "num_layers"),
         num_heads=_int(data, "decoder", "num_heads"),
         head_dim=_int(data, "decoder", "head_dim"),
@@ -138,6 +141,19 @@ def _parse(root: Path, data: dict[str, Any]) -> Manifest:
         graph_files=files,
         raw=data,
     )
+
+
+def _image_size(data: dict[str, Any]) -> tuple[int, int]:
+    image_size = _get(data, "encoder", "image_size")
+    if not (
+        isinstance(image_size, list)
+        and len(image_size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in image_size)
+    ):
+        raise ExportDirError(
+            f"vedrt.json: encoder.image_size must be [height, width], got {image_size!r}"
+        )
+    return image_size[0], image_size[1]
 
 
 def write_manifest(export_dir: str | Path, manifest: dict[str, Any]) -> Path:

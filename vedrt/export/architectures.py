@@ -17,6 +17,7 @@ class EncoderFamily:
     model_types: tuple[str, ...]
     prefix_tokens: int  # tokens before the patch tokens (CLS, distillation)
     hierarchical: bool = False  # Swin: patches merged by 2 per stage after the first
+    modality: str = "image"  # "text": input_ids + attention_mask (EncoderDecoderModel)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,15 @@ ENCODERS: tuple[EncoderFamily, ...] = (
     EncoderFamily("beit", ("beit",), prefix_tokens=1),
     EncoderFamily("swin", ("swin", "donut-swin"), prefix_tokens=0, hierarchical=True),
     EncoderFamily("swinv2", ("swinv2",), prefix_tokens=0, hierarchical=True),
+    # text EncoderDecoderModel encoders (bert2bert, roberta2roberta, bert2gpt2, ...)
+    EncoderFamily("bert", ("bert",), prefix_tokens=0, modality="text"),
+    EncoderFamily("roberta", ("roberta",), prefix_tokens=0, modality="text"),
+    EncoderFamily("xlm-roberta", ("xlm-roberta",), prefix_tokens=0, modality="text"),
+    EncoderFamily("electra", ("electra",), prefix_tokens=0, modality="text"),
 )
+
+# decoder-only models people try as encoders: they have no bidirectional encoder to export
+NOT_ENCODERS = ("gpt2", "gpt_neo", "gptj", "llama", "opt", "bloom")
 
 _BERT_BLOCK = dict(
     self_qkv=None,
@@ -233,6 +242,11 @@ def encoder_family(model_type: str) -> EncoderFamily:
     for row in ENCODERS:
         if model_type in row.model_types:
             return row
+    if model_type in NOT_ENCODERS:
+        raise UnsupportedArchitecture(
+            f"{model_type!r} is a decoder-only model and cannot be the encoder (it may be the "
+            f"decoder, as in bert2gpt2); supported encoders: {_supported(ENCODERS)}"
+        )
     raise UnsupportedArchitecture(
         f"unsupported encoder {model_type!r}; supported encoders: {_supported(ENCODERS)}"
     )

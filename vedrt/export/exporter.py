@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..manifest import FORMAT_VERSION, write_manifest
+from ..manifest import write_manifest
 from . import destination
 from .architectures import UnsupportedArchitecture, decoder_family, encoder_family
 from .graphs import DEFAULT_OPSET, export_graphs
-from .modules import decoder_dims, decoder_hidden_size
 from .optimize import externalize, fuse_graphs
 from .optimize import graph_bytes as graph_size
 from .quantize import QUANTIZE_CHOICES, quantize_graphs, token_agreement
+from .schema import build_manifest, optimization_fields
 from .validate import Validation, ValidationError, eager_attention, validate_export
 
 TOKENIZER_FILES = (
@@ -103,8 +103,10 @@ class ExportReport:
 
 def _load(model_or_dir):
     """The model in eval mode, and the directory it came from (None for an object)."""
-    from transformers import VisionEncoderDecoderModel
+    from transformers import EncoderDecoderModel, VisionEncoderDecoderModel
 
+    classes = {"vision-encoder-decoder": VisionEncoderDecoderModel}
+    classes["encoder-decoder"] = EncoderDecoderModel
     if isinstance(model_or_dir, str | os.PathLike):
         src = Path(model_or_dir)
         if not src.is_dir():
@@ -116,40 +118,30 @@ def _load(model_or_dir):
             model_type = json.loads(config_path.read_text()).get("model_type")
         except json.JSONDecodeError as exc:
             raise ExportError(f"corrupt {config_path}: {exc}") from None
-        if model_type != "vision-encoder-decoder":
+        if model_type not in classes:
             raise ExportError(
-                f"{src} holds a {model_type!r} model, not a VisionEncoderDecoderModel"
+                f"{src} holds a {model_type!r} model, not a VisionEncoderDecoderModel "
+                "or an EncoderDecoderModel"
             )
         try:
-            model = VisionEncoderDecoderModel.from_pretrained(src, attn_implementation="eager")
+            model = classes[model_type].from_pretrained(src, attn_implementation="eager")
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot load {src}: {str(exc).splitlines()[0]}") from None
         return model.eval(), src
-    if not isinstance(model_or_dir, VisionEncoderDecoderModel):
+    if not isinstance(model_or_dir, tuple(classes.values())):
         raise ExportError(
-            f"expected a VisionEncoderDecoderModel or its directory, got {type(model_or_dir).__name__}"
+            "expected a VisionEncoderDecoderModel, an EncoderDecoderModel or its directory, "
+            f"got {type(model_or_dir).__name__}"
         )
     return model_or_dir.eval(), None
 
 
-def _image_size(config) -> tuple[int, int]:
-    size = config.image_size
+def _image_size(config) -> tuple[int, int] | None:
+    """(height, width) of an image encoder's input; None for a text encoder."""
+    size = getattr(config, "image_size", None)
+    if size is None:
+        return None
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _patch_grid(enc_config, family, image_size: tuple[int, int]) -> tuple[int, int]:
-    patch = (
-        enc_config.patch_size
-        if isinstance(enc_config.patch_size, int)
-        else enc_config.patch_size[0]
-    )
-    if not family.hierarchical:
-        return image_size[0] // patch, image_size[1] // patch
-    # Swin pads the image to whole patches and each merge to an even size: ceilings, not floors
-    grid = [-(-side // patch) for side in image_size]
-    for _ in range(len(enc_config.depths) - 1):
-        grid = [-(-side // 2) for side in grid]
-    return grid[0], grid[1]
 
 
 def _write_side_files(
@@ -172,6 +164,8 @@ def _write_side_files(
         warnings.append(
             "no fast tokenizer found: the export can generate token ids but not caption text"
         )
+    if image_size is None:  # a text encoder: its tokenizer is the one saved above
+        return warnings
     if image_processor is not None:
         image_processor.save_pretrained(str(tmp))
     elif src is not None and (src / "preprocessor_config.json").is_file():
@@ -186,87 +180,6 @@ def _write_side_files(
             "no image processor found: wrote ViTImageProcessor defaults (resize, mean/std 0.5)"
         )
     return warnings
-
-
-def _manifest(
-    model,
-    specs,
-    image_size,
-    family_enc,
-    family_dec,
-    opset,
-    validation,
-    enc_len,
-    enc_dim,
-    graph_bytes,
-):
-    import torch
-    import transformers
-
-    from .. import __version__
-
-    dec_config = model.decoder.config
-    layers, heads, head_dim = decoder_dims(dec_config)
-    gen = model.generation_config
-    start = (
-        gen.decoder_start_token_id
-        if gen.decoder_start_token_id is not None
-        else model.config.decoder_start_token_id
-    )
-    graphs = {
-        name: {
-            "file": spec.file,
-            "bytes": graph_bytes[spec.file],
-            "inputs": [t.to_json() for t in spec.inputs],
-            "outputs": [t.to_json() for t in spec.outputs],
-        }
-        for name, spec in specs.items()
-    }
-    return {
-        "format_version": FORMAT_VERSION,
-        "vedrt_version": __version__,
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "opset": opset,
-        "precision": "fp32",
-        "quantization": None,
-        "encoder": {
-            "family": family_enc.name,
-            "image_size": list(image_size),
-            "num_channels": 3,
-            "enc_len": enc_len,
-            "hidden_size": enc_dim,
-            "prefix_tokens": family_enc.prefix_tokens,
-            "patch_grid": list(_patch_grid(model.encoder.config, family_enc, image_size)),
-        },
-        "decoder": {
-            "family": family_dec.name,
-            "num_layers": layers,
-            "num_heads": heads,
-            "head_dim": head_dim,
-            "hidden_size": decoder_hidden_size(dec_config),
-            "vocab_size": dec_config.vocab_size,
-            "max_positions": _max_positions(dec_config, family_dec),
-            "top_k": specs["decoder"].outputs[-1].shape[1],  # best log-probs per row in the graph
-        },
-        "special_tokens": {
-            "decoder_start_token_id": start,
-            "bos_token_id": gen.bos_token_id,
-            "eos_token_id": gen.eos_token_id,
-            "pad_token_id": gen.pad_token_id,
-        },
-        "generation_config": gen.to_diff_dict() | {"max_length": gen.max_length},
-        "graphs": graphs,
-        "source_config": model.config.to_dict(),
-        "validation": validation.to_json() if validation is not None else None,
-    }
-
-
-def _max_positions(config, family) -> int:
-    """How many tokens the decoder can place: past that its position table runs out."""
-    if family.positions == "padding":  # RoBERTa: positions start after the padding index
-        return config.max_position_embeddings - (config.pad_token_id or 0) - 1
-    return getattr(config, "n_positions", None) or config.max_position_embeddings
 
 
 def export_model(
@@ -311,7 +224,7 @@ def export_model(
         fam_dec = decoder_family(model.config.decoder.model_type)
     except UnsupportedArchitecture as exc:
         raise ExportError(str(exc)) from None
-    image_size = _image_size(model.config.encoder)
+    image_size = _image_size(model.config.encoder) if fam_enc.modality == "image" else None
     param_bytes = sum(p.numel() for p in model.parameters()) * 4
 
     tmp = destination.make_temp(out)
@@ -322,11 +235,11 @@ def export_model(
         enc_shape = specs["encoder"].outputs[0].shape
 
         def manifest(validation, graph_bytes):
-            fields = _manifest(
+            fields = build_manifest(
                 model, specs, image_size, fam_enc, fam_dec, opset, validation,
                 enc_shape[1], enc_shape[2], graph_bytes,
             )  # fmt: skip
-            return fields | _optimization_fields(fused, quantize, validation_json)
+            return fields | optimization_fields(fused, quantize, validation_json)
 
         validation: Validation | None = None
         validation_json = None
@@ -398,22 +311,3 @@ def _quantize(
             f"of {agreement.images} random images (random weights diverge easily; check real data)"
         )
     return validation, warnings
-
-
-def _optimization_fields(
-    fused: dict[str, dict[str, int]], quantize: str | None, validation: dict | None
-) -> dict[str, Any]:
-    """What the speed passes did, for the manifest (the fused ops are ONNX Runtime contrib ops)."""
-    fields: dict[str, Any] = {
-        "optimization": {"fusions": "onnxruntime.transformers", "fused": fused}
-    }
-    if quantize == "int8":
-        fields["precision"] = "int8"
-        fields["quantization"] = {
-            "method": "onnxruntime.quantization.quantize_dynamic",
-            "weight_type": "QInt8",
-            "op_types": ["MatMul", "Gemm"],
-        }
-    if validation is not None:
-        fields["validation"] = validation
-    return fields

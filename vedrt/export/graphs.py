@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from .modules import TOP_K, CrossKV, DecoderStep, EncoderGraph, decoder_dims
+from .modules import TOP_K, CrossKV, DecoderStep, EncoderGraph, TextEncoderGraph, decoder_dims
 
 DEFAULT_OPSET = 18
 
@@ -41,9 +41,11 @@ class GraphSpec:
 
 
 def graph_specs(
-    model, image_size: tuple[int, int], enc_len: int, enc_dim: int
+    model, image_size: tuple[int, int] | None, enc_len: int | str, enc_dim: int
 ) -> dict[str, GraphSpec]:
-    """The names and shapes of every graph's inputs and outputs: the contract with the runtime."""
+    """The names and shapes of every graph's inputs and outputs: the contract with the runtime.
+
+    `image_size` None: a text encoder (input_ids + attention_mask), `enc_len` then symbolic."""
     layers, heads, hd = decoder_dims(model.decoder.config)
     vocab = model.decoder.config.vocab_size
     f32 = "float32"
@@ -72,10 +74,15 @@ def graph_specs(
         for i in range(layers)
     )
     states = TensorSpec("encoder_hidden_states", f32, ("batch", enc_len, enc_dim))
+    if image_size is None:
+        encoder_in = (
+            TensorSpec("input_ids", "int64", ("batch", enc_len)),
+            TensorSpec("attention_mask", "int64", ("batch", enc_len)),
+        )
+    else:
+        encoder_in = (TensorSpec("pixel_values", f32, ("batch", 3, *image_size)),)
     return {
-        "encoder": GraphSpec(
-            "encoder.onnx", (TensorSpec("pixel_values", f32, ("batch", 3, *image_size)),), (states,)
-        ),
+        "encoder": GraphSpec("encoder.onnx", encoder_in, (states,)),
         "cross_kv": GraphSpec("cross_kv.onnx", (states,), cross),
         "decoder": GraphSpec(
             "decoder.onnx",
@@ -175,46 +182,56 @@ def _name_axes(values, specs: tuple[TensorSpec, ...]) -> None:
 
 def example_inputs(
     model,
-    image_size: tuple[int, int],
+    image_size: tuple[int, int] | None,
     batch: int = 2,
     beams: int = 2,
     past: int = 2,
     new: int = 2,
     cache_len: int = 5,
     seed: int = 0,
+    text_len: int = 6,
 ):
-    """Random inputs for every graph (also used by validation): pixel values, token ids, caches."""
+    """Random inputs for every graph (also used by validation): the encoder's inputs (pixel
+    values, or token ids with an attention mask that pads the first row), token ids, caches."""
     g = torch.Generator().manual_seed(seed)
     layers, heads, hd = decoder_dims(model.decoder.config)
-    pixel_values = torch.randn(batch, 3, *image_size, generator=g)
+    if image_size is None:
+        text = torch.randint(5, model.encoder.config.vocab_size, (batch, text_len), generator=g)
+        mask = torch.ones(batch, text_len, dtype=torch.int64)
+        mask[0, text_len - 2 :] = 0  # a shorter text, padded
+        pad = model.encoder.config.pad_token_id or 0
+        encoder_in = (text.masked_fill(mask == 0, pad), mask)
+    else:
+        encoder_in = (torch.randn(batch, 3, *image_size, generator=g),)
     vocab = model.decoder.config.vocab_size
     ids = torch.randint(3, vocab, (batch * beams, past + new), generator=g)
     cache = [
         torch.randn(batch * beams, heads, cache_len, hd, generator=g) for _ in range(2 * layers)
     ]
-    return pixel_values, ids, cache
+    return encoder_in, ids, cache
 
 
 def export_graphs(
-    model, out_dir: Path, image_size: tuple[int, int], opset: int, progress
+    model, out_dir: Path, image_size: tuple[int, int] | None, opset: int, progress
 ) -> dict[str, GraphSpec]:
     """Write encoder.onnx, cross_kv.onnx and decoder.onnx; returns their specs."""
     encoder, cross_kv, step = (
-        EncoderGraph(model).eval(),
+        (EncoderGraph if image_size is not None else TextEncoderGraph)(model).eval(),
         CrossKV(model).eval(),
         DecoderStep(model).eval(),
     )
-    pixel_values, ids, cache = example_inputs(model, image_size)
+    encoder_in, ids, cache = example_inputs(model, image_size)
     with torch.no_grad():
-        states = encoder(pixel_values)
+        states = encoder(*encoder_in)
         cross = cross_kv(states)
-    specs = graph_specs(model, image_size, states.shape[1], states.shape[2])
+    enc_len = states.shape[1] if image_size is not None else "enc_len"
+    specs = graph_specs(model, image_size, enc_len, states.shape[2])
     progress("encoder.onnx")
-    _export(encoder, (pixel_values,), specs["encoder"], out_dir / "encoder.onnx", opset)
+    _export(encoder, encoder_in, specs["encoder"], out_dir / "encoder.onnx", opset)
     progress("cross_kv.onnx")
     _export(cross_kv, (states.contiguous(),), specs["cross_kv"], out_dir / "cross_kv.onnx", opset)
     progress("decoder.onnx")
-    rows, slots = ids.shape[0], pixel_values.shape[0]
+    rows, slots = ids.shape[0], encoder_in[0].shape[0]
     args = (
         ids[:, :2].contiguous(),
         torch.arange(2, 2 + rows, dtype=torch.int64) % 3,  # rows at different positions

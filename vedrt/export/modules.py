@@ -66,6 +66,15 @@ class EncoderGraph(nn.Module):
         return self.proj(states) if self.proj is not None else states
 
 
+class TextEncoderGraph(EncoderGraph):
+    """input_ids + attention_mask -> the states of a text EncoderDecoderModel's encoder."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        states = out.last_hidden_state
+        return self.proj(states) if self.proj is not None else states
+
+
 class CrossKV(nn.Module):
     """encoder states -> every layer's cross-attention keys and values, once per image."""
 

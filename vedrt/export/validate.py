@@ -55,20 +55,25 @@ def validate_export(model, out_dir: Path, start_token: int) -> Validation:
     gen = load(out_dir, threads=None)
     executor = gen.executor
     batch, beams, cache_len, steps = 3, 2, 7, 3  # not the traced sizes: axes must be dynamic
-    pixel_values, ids, _ = example_inputs(
-        model, gen.manifest.image_size, batch, beams, past=2, new=1, cache_len=cache_len, seed=1
+    encoder_in, ids, _ = example_inputs(
+        model, gen.manifest.image_size, batch, beams, 2, 1, cache_len, seed=1, text_len=9
     )
     ids[:, 0] = start_token
+    text = gen.manifest.image_size is None
+    names = ("input_ids", "attention_mask") if text else ("pixel_values",)
+    feed = {name: x.numpy() for name, x in zip(names, encoder_in, strict=True)}
     with eager_attention(model), torch.no_grad():
-        ref_states = model.encoder(pixel_values=pixel_values).last_hidden_state
+        ref_states = model.encoder(**dict(zip(names, encoder_in, strict=True))).last_hidden_state
         if getattr(model, "enc_to_dec_proj", None) is not None:
             ref_states = model.enc_to_dec_proj(ref_states)
-        expanded = pixel_values.repeat_interleave(beams, dim=0)
-        ref_first = model(pixel_values=expanded, decoder_input_ids=ids[:, :1]).logits[:, -1]
-        ref_cached = model(pixel_values=expanded, decoder_input_ids=ids).logits[:, -1]
+        expanded = {
+            n: x.repeat_interleave(beams, dim=0) for n, x in zip(names, encoder_in, strict=True)
+        }
+        ref_first = model(**expanded, decoder_input_ids=ids[:, :1]).logits[:, -1]
+        ref_cached = model(**expanded, decoder_input_ids=ids).logits[:, -1]
 
-    (states,) = executor.sessions["encoder"].run(None, {"pixel_values": pixel_values.numpy()})
-    encoded = executor.encode(pixel_values.numpy())
+    (states,) = executor.sessions["encoder"].run(None, feed)
+    encoded = executor.encode(feed if text else feed["pixel_values"])
     rows = batch * beams
     pool = executor.new_pool(rows, batch, cache_len, encoded.enc_len)
     rng = np.random.default_rng(1)  # garbage everywhere: positions past each row's must be masked

@@ -13,10 +13,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..export.modules import CrossKV, DecoderStep, EncoderGraph, decoder_dims
+from ..export.modules import CrossKV, DecoderStep, EncoderGraph, TextEncoderGraph, decoder_dims
 from ..runtime.executor import Encoded, StepOutput
 from ..runtime.pool import KVPool
 from .device import device_pool, to_device
@@ -39,6 +38,7 @@ class TorchExecutor:
         self.ops = TorchOps(self.device)
         model = _placed(model, self.device, dtype, owned)
         self.encoder = EncoderGraph(model).eval()
+        self.text_encoder = TextEncoderGraph(model).eval()
         self.cross_kv = CrossKV(model).eval()
         self.step = DecoderStep(model).eval()
         self.layers, self.heads, self.head_dim = decoder_dims(model.decoder.config)
@@ -50,11 +50,17 @@ class TorchExecutor:
         self._graph_pool = None
 
     @torch.no_grad()
-    def encode(self, pixel_values: np.ndarray) -> Encoded:
-        states = self.encoder(to_device(pixel_values, self.device, self.dtype))
-        cross = list(self.cross_kv(states))
-        mask = torch.ones(states.shape[:2], dtype=torch.int64, device=self.device)
-        return Encoded(cross, mask)
+    def encode(self, inputs: Any) -> Encoded:
+        """Pixel values [n, C, H, W], or a text model's {"input_ids", "attention_mask"}."""
+        if isinstance(inputs, dict):
+            ids, mask = (
+                torch.from_numpy(inputs[n]).to(self.device) for n in ("input_ids", "attention_mask")
+            )
+            states = self.text_encoder(ids, mask)
+        else:
+            states = self.encoder(to_device(inputs, self.device, self.dtype))
+            mask = torch.ones(states.shape[:2], dtype=torch.int64, device=self.device)
+        return Encoded(list(self.cross_kv(states)), mask)
 
     def new_pool(self, rows: int, slots: int, cache_len: int, enc_len: int) -> KVPool:
         dims = (self.layers, self.heads, self.head_dim)

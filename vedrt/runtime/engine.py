@@ -107,13 +107,15 @@ class Engine:
         }
 
     # -- requests -------------------------------------------------------------------------
-    def submit(self, pixel_values: Any, **options: Any) -> Handle:
-        """Queue one request; the options are `generate()`'s, checked here (InputError)."""
+    def submit(self, inputs: Any, attention_mask: Any = None, **options: Any) -> Handle:
+        """Queue one request: pixel values [n, C, H, W], or for a text model input_ids [n, L]
+        (with its attention_mask); the options are `generate()`'s, checked here (InputError)."""
         o = self.gen.options(**options)
-        return self.submit_resolved(self.gen.check_pixel_values(pixel_values), o)
+        return self.submit_resolved(self.gen.check_inputs(inputs, attention_mask), o)
 
-    def submit_resolved(self, pixel_values: Any, o: GenerationOptions) -> Handle:
-        batch = int(pixel_values.shape[0])
+    def submit_resolved(self, inputs: Any, o: GenerationOptions) -> Handle:
+        """`submit` for inputs and options already checked (`Generator.check_inputs`)."""
+        batch = int((inputs["input_ids"] if isinstance(inputs, dict) else inputs).shape[0])
         rows = rows_needed(o, batch)
         if rows > self.max_rows:
             raise InputError(
@@ -123,7 +125,7 @@ class Engine:
         check = getattr(self.executor, "check_limits", None)
         if check is not None:  # engines built for bounded shapes say so before anything runs
             check(batch, o.num_beams, o.max_new)
-        handle = Handle(pixel_values, o, rows)
+        handle = Handle(inputs, o, rows)
         with self._wake:
             if self._closed:
                 raise EngineStopped("the engine is stopped and accepts no new requests")
@@ -216,33 +218,26 @@ class Engine:
             return
         ops = self.ops
         try:
-            pixels = taken[0].pixel_values
-            if len(taken) > 1:  # one encoder batch for everything admitted together
-                pixels = np.concatenate([h.pixel_values for h in taken])
-            encoded = self.executor.encode(pixels)
-            self._ensure_pool(taken, encoded)
+            encoded, where = self._encode(taken)
+            self._ensure_pool(taken, max(e.enc_len for e in encoded))
         except Exception as exc:  # these requests could not be encoded or given room
             for h in taken:
                 h._finish(error=exc)
             return
-        first_image, cohorts, index = {}, {}, 0
-        for handle in taken:  # where each request's images are in `encoded`; cohorts by options
-            first_image[id(handle)] = index
-            index += int(handle.pixel_values.shape[0])
+        cohorts: dict[Any, list[Handle]] = {}
+        for handle in taken:
             cohorts.setdefault(_cohort_key(handle.options), []).append(handle)
         for handles in cohorts.values():
             members, batch = [], 0
             for handle in handles:
-                count = int(handle.pixel_values.shape[0])
-                members.append((handle, slice(batch, batch + count)))
-                batch += count
+                members.append((handle, slice(batch, batch + handle.batch)))
+                batch += handle.batch
             search = new_search(ops, handles[0].options, batch)
             slots = self._claim_slots(batch)
-            images = [
-                first_image[id(h)] + i for h in handles for i in range(h.pixel_values.shape[0])
-            ]
-            for slot, image in zip(slots, images, strict=True):
-                self.pool.put_image(slot, encoded.cross, encoded.mask, image)
+            images = [(h, i) for h in handles for i in range(h.batch)]
+            for slot, (handle, i) in zip(slots, images, strict=True):
+                part, first = where[id(handle)]
+                self.pool.put_image(slot, encoded[part].cross, encoded[part].mask, first + i)
             offset = self.active_rows
             end = offset + search.rows
             self.pool.input_ids[offset:end, 0] = search.first_tokens()
@@ -252,17 +247,33 @@ class Engine:
                 handle.admitted()
         self._groups = 0
 
-    def _ensure_pool(self, taken: list[Handle], encoded: Any) -> None:
+    def _encode(self, taken: list[Handle]) -> tuple[list[Any], dict[int, tuple[int, int]]]:
+        """Encoder + cross K/V for what is admitted: images in one batch, texts one request at a
+        time (their own lengths, as their solo runs). Returns the encoded parts and, per
+        request, (part, first index in it)."""
+        if isinstance(taken[0].inputs, dict):
+            encoded = [self.executor.encode(h.inputs) for h in taken]
+            return encoded, {id(h): (i, 0) for i, h in enumerate(taken)}
+        pixels = taken[0].inputs
+        if len(taken) > 1:  # one encoder batch for everything admitted together
+            pixels = np.concatenate([h.inputs for h in taken])
+        where, index = {}, 0
+        for h in taken:
+            where[id(h)] = (0, index)
+            index += h.batch
+        return [self.executor.encode(pixels)], where
+
+    def _ensure_pool(self, taken: list[Handle], enc_len: int) -> None:
         lengths = [a.options.max_length for a in self._active]
         lengths += [h.options.max_length for h in taken]
         cache_len = max(lengths) - PROMPT_LEN
         if self._cache_len is not None:
             cache_len = max(cache_len, self._cache_len)
-        slots = sum(self._slot_used) + encoded.batch
+        slots = sum(self._slot_used) + sum(h.batch for h in taken)
         if self.pool is None:
-            self.pool = self.executor.new_pool(self.max_rows, slots, cache_len, encoded.enc_len)
+            self.pool = self.executor.new_pool(self.max_rows, slots, cache_len, enc_len)
         else:
-            self.pool.ensure(cache_len, slots, encoded.enc_len, self.active_rows)
+            self.pool.ensure(cache_len, slots, enc_len, self.active_rows)
         self._slot_used += [False] * (self.pool.slots - len(self._slot_used))
 
     def _claim_slots(self, count: int) -> list[int]:

@@ -53,8 +53,9 @@ class Executor(Protocol):
 
     ops: Any  # the array operations of this executor's memory (`NumpyOps`, `TorchOps`)
 
-    def encode(self, pixel_values: np.ndarray) -> Encoded:
-        """Run the encoder and cross_kv graphs once per image."""
+    def encode(self, inputs: Any) -> Encoded:
+        """Run the encoder and cross_kv graphs once per image (or text): pixel values, or a
+        text model's {"input_ids", "attention_mask"}."""
 
     def new_pool(self, rows: int, slots: int, cache_len: int, enc_len: int) -> KVPool:
         """The engine's cache rows and image slots, in this executor's memory."""
@@ -102,13 +103,17 @@ class OrtExecutor:
                 f"(lacks {', '.join(missing[:4])}); re-export the model with `vedrt export`"
             )
 
-    def encode(self, pixel_values: np.ndarray) -> Encoded:
-        (states,) = self.sessions["encoder"].run(
-            ["encoder_hidden_states"], {"pixel_values": pixel_values}
-        )
+    def encode(self, inputs: Any) -> Encoded:
+        """Pixel values [n, C, H, W], or a text model's {"input_ids", "attention_mask"}."""
+        if isinstance(inputs, dict):
+            feed = {name: inputs[name] for name in ("input_ids", "attention_mask")}
+        else:
+            feed = {"pixel_values": inputs}
+        (states,) = self.sessions["encoder"].run(["encoder_hidden_states"], feed)
         names = [f"cross_{kv}.{i}" for i in range(self.layers) for kv in ("key", "value")]
         arrays = self.sessions["cross_kv"].run(names, {"encoder_hidden_states": states})
-        mask = np.ones(states.shape[:2], dtype=np.int64)
+        mask = feed.get("attention_mask")
+        mask = np.ones(states.shape[:2], dtype=np.int64) if mask is None else mask
         return Encoded(arrays, mask)
 
     def new_pool(self, rows: int, slots: int, cache_len: int, enc_len: int) -> KVPool:

@@ -32,23 +32,28 @@ class Generator:
         opts.warn_unsupported(manifest.generation_config)
         self._processor = None
         self._detokenizer = None
+        self._tokenizer = None
 
     def options(self, **overrides: Any) -> opts.GenerationOptions:
         """The options a `generate(**overrides)` call would use (TypeError for unknown names)."""
         m = self.manifest
         return opts.resolve(self.generation_config, overrides, m.max_positions, m.vocab_size)
 
-    def generate(self, pixel_values: np.ndarray, **options: Any) -> np.ndarray | GenerateOutput:
-        """Token ids exactly as transformers' `model.generate(pixel_values=..., **options)`.
+    def generate(
+        self, inputs: Any, attention_mask: Any = None, **options: Any
+    ) -> np.ndarray | GenerateOutput:
+        """Token ids exactly as transformers' `model.generate(pixel_values=..., **options)`, or
+        for a text model `model.generate(input_ids=..., attention_mask=..., **options)`.
 
         Returns int64 `[batch * num_return_sequences, length]` (start token included, finished rows
         padded), or a `GenerateOutput` with `return_dict=True`.
         """
         o = self.options(**options)
-        pixel_values = self.check_pixel_values(pixel_values)
-        rows = search.rows_needed(o, pixel_values.shape[0])
+        inputs = self.check_inputs(inputs, attention_mask)
+        batch = (inputs["input_ids"] if isinstance(inputs, dict) else inputs).shape[0]
+        rows = search.rows_needed(o, batch)
         engine = Engine(self, max_rows=rows, cache_len=o.max_length - PROMPT_LEN)
-        handle = engine.submit_resolved(pixel_values, o)
+        handle = engine.submit_resolved(inputs, o)
         while not handle.done():
             engine.step()
         return handle.result()
@@ -57,6 +62,29 @@ class Generator:
         """An engine over this generator: requests stepped together at every decoder step
         (continuous batching); see `vedrt.runtime.engine`."""
         return Engine(self, max_rows=max_rows, admit_every=admit_every)
+
+    def check_inputs(self, inputs: Any, attention_mask: Any = None) -> Any:
+        """Pixel values for an image model; {"input_ids", "attention_mask"} for a text model."""
+        if self.manifest.modality == "text":
+            from .textinputs import check_text_inputs
+
+            return check_text_inputs(self.manifest, inputs, attention_mask)
+        if attention_mask is not None:
+            raise InputError("attention_mask is for text models; this export takes images")
+        return self.check_pixel_values(inputs)
+
+    def generate_text(self, texts: list[str], **options: Any) -> list[str]:
+        """Texts in, texts out (num_return_sequences per text, in order): tokenize with the
+        export's tokenizer, generate, decode."""
+        if self.manifest.modality != "text":
+            raise InputError("generate_text() is for text models; this export captions images")
+        if self._tokenizer is None:
+            from .textinputs import Tokenizer
+
+            self._tokenizer = Tokenizer(self.manifest.root, self.manifest)
+        inputs = self._tokenizer(list(texts))
+        options = {**options, "return_dict": False}
+        return self.decode(self.generate(inputs["input_ids"], inputs["attention_mask"], **options))
 
     def check_pixel_values(self, pixel_values: Any) -> np.ndarray:
         """One clear error for the wrong type, dtype, rank or size, before any graph runs."""
@@ -101,6 +129,11 @@ class Generator:
 
     def preprocess(self, images: list[Any]) -> np.ndarray:
         """Paths or PIL images -> pixel values, as the checkpoint's image processor makes them."""
+        if self.manifest.modality == "text":
+            raise InputError(
+                "this export is a text model: use generate_text(texts) or "
+                "generate(input_ids, attention_mask=...)"
+            )
         from .preprocess import load_image
 
         keep = self.processor.keep_short_side

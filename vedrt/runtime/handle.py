@@ -19,8 +19,8 @@ class Handle:
     for metrics); `started_at` is None until the request is admitted to the engine's rows.
     """
 
-    def __init__(self, pixel_values: Any, options: Any, rows: int):
-        self.pixel_values = pixel_values
+    def __init__(self, inputs: Any, options: Any, rows: int):
+        self.inputs = inputs  # pixel values [n, C, H, W], or {"input_ids", "attention_mask"}
         self.options = options  # the resolved GenerationOptions
         self.rows = rows
         self.submitted_at = time.monotonic()
@@ -32,6 +32,16 @@ class Handle:
         self._callbacks: list[Callable[[Handle], Any]] = []
         self._result: Any = None
         self._error: BaseException | None = None
+
+    @property
+    def pixel_values(self) -> Any:
+        return self.inputs
+
+    @property
+    def batch(self) -> int:
+        """How many images (or texts) the request holds."""
+        inputs = self.inputs["input_ids"] if isinstance(self.inputs, dict) else self.inputs
+        return int(inputs.shape[0])
 
     def done(self) -> bool:
         return self._event.is_set()
@@ -74,7 +84,7 @@ class Handle:
                 return
             self._result, self._error = result, error
             self.finished_at = time.monotonic()
-            self.pixel_values = None  # the request's images are not needed any more
+            self.inputs = None  # the request's inputs are not needed any more
             self._event.set()
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:

@@ -19,7 +19,7 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(bool)
 
 def _feed(manifest: Manifest, inputs: list[Any], last: int) -> dict[str, np.ndarray]:
     """Zeros for every input, one row, a cache as long as the manifest says, at position `last`."""
-    sizes = {"cache_len": last + 1, "enc_len": manifest.enc_len}
+    sizes = {"cache_len": last + 1, "enc_len": manifest.enc_len or 1}
     feed = {}
     for spec in inputs:
         dtype = _DTYPES.get(spec.type)

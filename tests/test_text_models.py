@@ -1,0 +1,142 @@
+"""Text EncoderDecoderModel (bert2bert, roberta2roberta, bert2gpt2, ...): exported and generated
+token for token as transformers' `generate(input_ids=..., attention_mask=...)`, over padded
+batches whose texts differ in length, greedy and beam search."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tiny_models import decoder_config  # noqa: E402
+
+from vedrt.runtime import InputError, load  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+PAIRS = [("bert", "bert"), ("roberta", "roberta"), ("bert", "gpt2"), ("xlm-roberta", "mbart")]
+SETTINGS = [
+    {"max_new_tokens": 8},
+    {"num_beams": 3, "max_new_tokens": 8},
+    {"num_beams": 4, "num_return_sequences": 2, "length_penalty": 0.5, "max_new_tokens": 9},
+    {"num_beams": 2, "no_repeat_ngram_size": 2, "max_new_tokens": 8, "early_stopping": True},
+]
+
+
+def encoder_config(name: str):
+    config = decoder_config(name if name != "xlm-roberta" else "xlm-roberta")
+    config.is_decoder = False
+    config.add_cross_attention = False
+    return config
+
+
+def text_model(encoder: str, decoder: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(
+        encoder_config(encoder), decoder_config(decoder)
+    )
+    model = transformers.EncoderDecoderModel._from_config(config, attn_implementation="eager")
+    with torch.no_grad():  # spread weights: outputs differ between texts and tokens
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(8.0)
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 1, 0, 2
+    model.generation_config.bos_token_id = 1
+    return model.eval()
+
+
+def padded_batch(seed: int = 0):
+    """Three texts of 7, 4 and 6 tokens, right-padded with 0 and masked."""
+    rng = np.random.default_rng(seed)
+    lengths = (7, 4, 6)
+    ids = np.zeros((3, 7), dtype=np.int64)
+    mask = np.zeros((3, 7), dtype=np.int64)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(5, 90, n)
+        mask[row, :n] = 1
+    return ids, mask
+
+
+def hf_generate(model, ids, mask, **kwargs):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.generate(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            return_dict_in_generate=True,
+            output_scores=True,
+            **kwargs,
+        )
+
+
+@pytest.fixture(scope="module", params=PAIRS, ids=lambda p: "2".join(p))
+def exported_text(request, tmp_path_factory):
+    from vedrt.export import export_model
+
+    model = text_model(*request.param)
+    out = tmp_path_factory.mktemp("text") / "export"
+    report = export_model(model, out)
+    assert report.validation["passed"], report.validation
+    return model, load(out)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=str)
+def test_text_generate_matches_transformers(exported_text, setting):
+    model, gen = exported_text
+    ids, mask = padded_batch()
+    ref = hf_generate(model, ids, mask, **setting)
+    ours = gen.generate(ids, attention_mask=mask, return_dict=True, **setting)
+    np.testing.assert_array_equal(ours.sequences, ref.sequences.numpy(), err_msg=str(setting))
+    if setting.get("num_beams", 1) > 1:
+        np.testing.assert_allclose(
+            ours.sequences_scores, ref.sequences_scores.numpy(), rtol=1e-5, atol=1e-4
+        )
+
+
+def test_text_requests_batch_continuously(exported_text):
+    """Texts of different lengths in one engine (slots padded to the longest) give their solo
+    results."""
+    _, gen = exported_text
+    ids, mask = padded_batch(seed=1)
+    engine = gen.engine(max_rows=8)
+    handles = []
+    for row in range(3):
+        n = int(mask[row].sum())
+        handles.append(engine.submit(ids[row : row + 1, :n], num_beams=2, max_new_tokens=7))
+        engine.step()
+    while not engine.idle():
+        engine.step()
+    for row, handle in enumerate(handles):
+        n = int(mask[row].sum())
+        solo = gen.generate(ids[row : row + 1, :n], num_beams=2, max_new_tokens=7)
+        np.testing.assert_array_equal(handle.result(), solo)
+
+
+def test_text_input_errors(exported_text):
+    _, gen = exported_text
+    ids, mask = padded_batch()
+    with pytest.raises(InputError, match="integer"):
+        gen.generate(ids.astype(np.float32))
+    with pytest.raises(InputError, match="shape"):
+        gen.generate(ids, attention_mask=mask[:, :3])
+    with pytest.raises(InputError, match="vocabulary"):
+        gen.generate(ids + 1000)
+    with pytest.raises(InputError, match="at least one token"):
+        gen.generate(ids, attention_mask=np.zeros_like(mask))
+    with pytest.raises(InputError, match="text model"):
+        gen.caption(["x.png"])
+
+
+def test_gpt2_cannot_be_the_encoder(tmp_path):
+    from vedrt.export import ExportError, export_model
+
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(
+        decoder_config("gpt2"), decoder_config("bert")
+    )
+    model = transformers.EncoderDecoderModel(config=config)
+    with pytest.raises(ExportError, match="decoder-only"):
+        export_model(model, tmp_path / "out")

@@ -1,0 +1,76 @@
+"""Inputs of a text EncoderDecoderModel export: token ids with their attention mask.
+
+`check_text_inputs` gives one clear error for the wrong type, rank, ids outside the encoder's
+vocabulary or an empty text, before any graph runs. `Tokenizer` encodes strings with the export's
+tokenizer.json the way transformers' tokenizer(..., padding=True) does for these models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..manifest import Manifest
+
+
+def _int_array(value: Any, name: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype == object or not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"{name} must be an integer array [batch, length], got {array.dtype}")
+    if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
+        raise InputError(f"{name} must be [batch, length] with both >= 1, got {list(array.shape)}")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def check_text_inputs(manifest: Manifest, input_ids: Any, attention_mask: Any) -> dict:
+    """{"input_ids", "attention_mask"} as int64 arrays the encoder graph takes."""
+    ids = _int_array(input_ids, "input_ids")
+    if attention_mask is None:
+        mask = np.ones_like(ids)
+    else:
+        mask = _int_array(attention_mask, "attention_mask")
+        if mask.shape != ids.shape:
+            raise InputError(
+                f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}"
+            )
+        if not np.isin(mask, (0, 1)).all():
+            raise InputError("attention_mask must hold only 0 and 1")
+    vocab = manifest.encoder.get("vocab_size")
+    if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
+        raise InputError(f"input_ids must be in [0, {vocab}) (the encoder's vocabulary)")
+    positions = manifest.encoder.get("max_positions")
+    if positions is not None and ids.shape[1] > positions:
+        raise InputError(
+            f"texts of {ids.shape[1]} tokens exceed the encoder's {positions} positions"
+        )
+    if not mask.any(axis=1).all():
+        raise InputError("every text needs at least one token (a row of attention_mask is all 0)")
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class Tokenizer:
+    """Strings -> padded input_ids and attention_mask with the export's tokenizer.json."""
+
+    def __init__(self, root: str | Path, manifest: Manifest):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(root) / "tokenizer.json"
+        if not path.is_file():
+            raise InputError(f"{root} has no tokenizer.json: pass input_ids to generate() instead")
+        self.tokenizer = HFTokenizer.from_file(str(path))
+        self.pad_id = manifest.encoder.get("pad_token_id") or 0
+
+    def __call__(self, texts: list[str]) -> dict:
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise InputError("texts must be a non-empty list of strings")
+        encodings = self.tokenizer.encode_batch(texts)  # with the special tokens, as transformers
+        length = max(len(e.ids) for e in encodings)
+        ids = np.full((len(texts), length), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(texts), length), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            ids[row, : len(encoding.ids)] = encoding.ids
+            mask[row, : len(encoding.ids)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
