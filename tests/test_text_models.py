@@ -4,6 +4,7 @@ batches whose texts differ in length, greedy and beam search."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -140,3 +141,43 @@ def test_gpt2_cannot_be_the_encoder(tmp_path):
     model = transformers.EncoderDecoderModel(config=config)
     with pytest.raises(ExportError, match="decoder-only"):
         export_model(model, tmp_path / "out")
+
+
+def word_tokenizer():
+    """A 96-word tokenizer ("[PAD]" 0, "[BOS]" 1, "[EOS]" 2, then w3 .. w95)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, **{f"w{i}": i for i in range(3, 96)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]"
+    )
+
+
+def test_generate_text_and_the_cli(tmp_path, capsys, monkeypatch):
+    import io
+
+    from vedrt.cli import main
+    from vedrt.export import export_model
+
+    model, tokenizer = text_model("bert", "gpt2", seed=3), word_tokenizer()
+    export_model(model, tmp_path / "export", tokenizer=tokenizer)
+    texts = ["w5 w6 w7 w8", "w9 w10", "w11 w12 w13"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**batch, num_beams=3, max_new_tokens=6)
+    expected = tokenizer.batch_decode(ref, skip_special_tokens=True)
+    gen = load(tmp_path / "export")
+    assert gen.generate_text(texts, num_beams=3, max_new_tokens=6) == expected
+    args = ["generate", "--model", str(tmp_path / "export"), "--num-beams", "3"]
+    assert main([*args, "--max-new-tokens", "6", *texts]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{t}\t{e}" for t, e in zip(texts, expected, strict=True)
+    ]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(texts) + "\n"))
+    assert main([*args, "--max-new-tokens", "6", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["output"] for line in lines] == expected
+    assert main([*args, "--num-beams", "0", "w5"]) == 2
+    assert "num_beams" in capsys.readouterr().err

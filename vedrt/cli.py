@@ -21,9 +21,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "vedrt.runtime.cli",
         "caption images with an export directory (default: the shipped scene model)",
     ),
+    "generate": (
+        "vedrt.runtime.generate_cli",
+        "generate text from text with a text EncoderDecoderModel export",
+    ),
     "export": (
         "vedrt.export.cli",
-        "export a VisionEncoderDecoder checkpoint to ONNX graphs with a KV cache",
+        "export a VisionEncoderDecoder or text EncoderDecoder checkpoint to ONNX graphs",
     ),
     "train": ("vedrt.train.cli", "train a captioning model (synthetic scenes or your own data)"),
     "eval": (
