@@ -61,6 +61,10 @@ class Tokenizer:
         if not path.is_file():
             raise InputError(f"{root} has no tokenizer.json: pass input_ids to generate() instead")
         self.tokenizer = HFTokenizer.from_file(str(path))
+        # a tokenizer.json saved after a padded call keeps padding on: this class pads itself,
+        # so that the mask marks exactly each text's own tokens
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
         self.pad_id = manifest.encoder.get("pad_token_id") or 0
 
     def __call__(self, texts: list[str]) -> dict:

@@ -147,6 +147,15 @@ def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     if not (model_dir / "vedrt.json").is_file():
         raise UsageError(f"{model_dir}: not an export directory (no vedrt.json)")
+    from vedrt.manifest import read_manifest
+
+    if read_manifest(model_dir).modality == "text":  # the text model's own held-out set
+        from vedrt.train.text import evaluate_export
+
+        scores = evaluate_export(model_dir, tuple(args.beams))
+        for name, share in scores.items():
+            print(f"{model_dir}: held-out exact match {share:.3f} ({name})")
+        return 0
     if any(b < 1 for b in args.beams) or args.batch_size < 1:
         raise UsageError("--beams and --batch-size must be >= 1")
     images, refs = _dataset(args)

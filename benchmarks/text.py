@@ -1,0 +1,138 @@
+"""Text EncoderDecoderModel benchmark: bert2gpt2-base shape, vedrt against transformers.
+
+    python -m benchmarks.text [--reps 5] [--threads 2] [--beams 4] [--new-tokens 16]
+
+A random-weight BERT-base encoder + GPT2-small decoder with cross-attention (the shape of
+bert2gpt2 summarizers) is built from configs, saved and exported once under runs/bench. One
+32-token text, beam search, new tokens forced (min = max). Tokens are compared first; then warm,
+interleaved repetitions, medians. Optimum's ORTModelForSeq2SeqLM is tried when optimum-onnx is
+installed (it does not export EncoderDecoderModel checkpoints: the attempt and its message are
+recorded). Writes benchmarks/results/text.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "runs" / "bench" / "bert2gpt2"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def checkpoint(path: Path) -> Path:
+    if (path / "config.json").is_file():
+        return path
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.EncoderDecoderConfig.from_encoder_decoder_configs(
+        T.BertConfig(), T.GPT2Config(add_cross_attention=True)
+    )
+    model = T.EncoderDecoderModel(config=config)
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 50256, 50256, 50256
+    model.save_pretrained(path)
+    return path
+
+
+def export(ckpt: Path, out: Path) -> Path:
+    if not (out / "vedrt.json").is_file():
+        from vedrt.export import export_model
+
+        print(f"exporting {ckpt} to {out} (minutes)", flush=True)
+        export_model(ckpt, out, overwrite=True)
+    return out
+
+
+def optimum_status(ckpt: Path) -> str:
+    try:
+        from optimum.onnxruntime import ORTModelForSeq2SeqLM
+    except ImportError:
+        return "not installed (pip install '.[peers]')"
+    try:
+        ORTModelForSeq2SeqLM.from_pretrained(ckpt, export=True)
+    except Exception as exc:  # its exporter's own refusal, recorded as it says it
+        return f"cannot export it: {str(exc).splitlines()[0][:160]}"
+    return "exported (timing not implemented here)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.text", description=__doc__)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--beams", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    import torch
+    import transformers as T
+
+    from vedrt.runtime import load
+
+    torch.set_num_threads(args.threads)
+    ckpt = checkpoint(WORK / "checkpoint")
+    gen = load(export(ckpt, WORK / "fp32"), threads=args.threads)
+    model = T.EncoderDecoderModel.from_pretrained(ckpt).eval()
+    ids = np.random.default_rng(0).integers(1000, 20000, (1, 32)).astype(np.int64)
+    mask = np.ones_like(ids)
+    n = args.new_tokens
+    options = {"num_beams": args.beams, "min_new_tokens": n, "max_new_tokens": n}
+
+    def hf():
+        with torch.no_grad():
+            return model.generate(
+                input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **options
+            ).numpy()
+
+    def ours():
+        return gen.generate(ids, attention_mask=mask, **options)
+
+    identical = np.array_equal(hf(), ours())  # also the warm-up of both
+    times: dict[str, list[float]] = {"transformers": [], "vedrt": []}
+    for _ in range(args.reps):
+        for name, fn in (("transformers", hf), ("vedrt", ours)):
+            began = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - began)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "model": "BERT-base encoder + GPT2-small decoder (random weights), 32-token text",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "threads": args.threads,
+        "setting": options,
+        "tokens_identical": bool(identical),
+        "median_s": med,
+        "speedup": med["transformers"] / med["vedrt"],
+        "reps": args.reps,
+        "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "optimum": optimum_status(ckpt),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "text.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = (
+        "# bert2gpt2-base shape: vedrt vs transformers\n\n"
+        f"{result['model']}; {result['machine']}, {args.threads} threads; beam {args.beams}, "
+        f"{n} new tokens (forced); median of {args.reps} interleaved runs after a warm-up; load "
+        f"average {result['load_average']}.\n\n"
+        "| backend | tokens | median | vs transformers |\n|---|---|---|---|\n"
+        f"| transformers fp32 | reference | {med['transformers'] * 1e3:.0f} ms | 1.00x |\n"
+        f"| vedrt fp32 | {'identical' if identical else 'DIFFERENT'} | "
+        f"{med['vedrt'] * 1e3:.0f} ms | {result['speedup']:.2f}x |\n\n"
+        f"Optimum ORTModelForSeq2SeqLM: {result['optimum']}.\n"
+    )
+    (args.out / "text.md").write_text(md)
+    print(md)
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
