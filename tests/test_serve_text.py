@@ -102,9 +102,20 @@ def test_triton_text_matches_generate_text(server, reference, binary, options):
 
 
 def test_v1_generate_json_and_form(server, reference):
-    answer = requests.post(f"{server.url}/v1/generate", params=BEAMS, json={"texts": TEXTS})
+    answer = requests.post(
+        f"{server.url}/v1/generate", params=BEAMS, json={"texts": TEXTS}, timeout=60
+    )
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"outputs": reference.generate_text(TEXTS, **BEAMS)}
+
+    as_curl_d = requests.post(  # curl -d '{...}' without -H: labelled a form, still JSON
+        f"{server.url}/v1/generate",
+        params=GREEDY,
+        data=b'{"texts": ["w9 w10"]}',
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=60,
+    )
+    assert as_curl_d.json() == {"outputs": reference.generate_text(["w9 w10"], **GREEDY)}
 
     form = [("text", t) for t in TEXTS]
     answer = requests.post(f"{server.url}/v1/generate", params=GREEDY, data=form, timeout=60)

@@ -175,7 +175,7 @@ async def _generate(service: Service, request: Request) -> Response:
     if content_type.startswith("multipart/form-data"):
         texts, fields = _split_form(await _form(request, body), "text", str)
         options.update(fields)
-    elif content_type.startswith("application/x-www-form-urlencoded"):
+    elif content_type.startswith("application/x-www-form-urlencoded") and not _looks_json(body):
         texts, fields = _split_form(_urlencoded(body), "text", str)
         options.update(fields)
     else:
@@ -184,6 +184,11 @@ async def _generate(service: Service, request: Request) -> Response:
         raise bad_request("no text: send {\"texts\": [...]} as JSON, or form fields named 'text'")
     answer = await service.generate(texts, options, _disconnected(request))
     return JSONResponse({"outputs": answer.captions})
+
+
+def _looks_json(body: bytes) -> bool:
+    """`curl -d '{"texts": ...}'` without -H labels JSON as a form: take it as the JSON it is."""
+    return body.lstrip().startswith(b"{")
 
 
 def _json_texts(body: bytes) -> list[str]:
