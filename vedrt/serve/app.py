@@ -1,4 +1,4 @@
-"""The ASGI app: KServe v2 (as Triton serves it), /v1/caption for curl, /metrics.
+"""The ASGI app: KServe v2 (as Triton serves it), /v1/caption and /v1/generate for curl, /metrics.
 
 Handlers only parse and answer; everything slow runs off the event loop (see service.py).
 """
@@ -6,12 +6,14 @@ Handlers only parse and answer; everything slow runs off the event loop (see ser
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
@@ -57,6 +59,7 @@ def build_app(options: ServeOptions | None = None, service: Service | None = Non
             methods=["POST"],
         ),
         Route("/v1/caption", _endpoint(service, "caption", _caption), methods=["POST"]),
+        Route("/v1/generate", _endpoint(service, "generate", _generate), methods=["POST"]),
         Route("/metrics", lambda r: _metrics(service)),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
@@ -90,7 +93,7 @@ def _model_route(service: Service, handler):
 
 
 def _metadata(service: Service) -> Response:
-    return JSONResponse(protocol.model_metadata(service.name))
+    return JSONResponse(protocol.model_metadata(service.name, service.tensors))
 
 
 def _model_ready(service: Service) -> Response:
@@ -99,7 +102,10 @@ def _model_ready(service: Service) -> Response:
 
 def _config(service: Service) -> Response:
     defaults = dict(service.generator.generation_config)
-    return JSONResponse(protocol.model_config(service.name, service.options.max_rows, defaults))
+    config = protocol.model_config(
+        service.name, service.options.max_rows, defaults, service.tensors
+    )
+    return JSONResponse(config)
 
 
 def _metrics(service: Service) -> Response:
@@ -129,24 +135,25 @@ async def _infer(service: Service, request: Request) -> Response:
     service.check_model(request.path_params["name"])
     service.admit()  # a full queue answers at once, before reading the body
     body = await _read_body(request, service.options.max_body_mb)
-    parsed = protocol.parse_infer(body, request.headers.get("inference-header-content-length"))
-    if "CAPTION" in parsed.outputs:
+    header_length = request.headers.get("inference-header-content-length")
+    parsed = protocol.parse_infer(body, header_length, service.tensors)
+    if service.tensors.output in parsed.outputs:
         service.check_tokenizer()
-    answer = await service.caption(
-        parsed.images, parsed.options, _disconnected(request), parsed.timeout
-    )
+    run = service.generate if service.modality == "text" else service.caption
+    answer = await run(parsed.items, parsed.options, _disconnected(request), parsed.timeout)
     content, headers = protocol.encode_infer(parsed, service.name, answer.captions, answer.tokens)
     return Response(content, headers=headers)
 
 
 async def _caption(service: Service, request: Request) -> Response:
+    service.check_modality("image")
     service.check_tokenizer()
     service.admit()
     options = {k: images.parse_text_value(v) for k, v in request.query_params.items()}
     body = await _read_body(request, service.options.max_body_mb)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        blobs, fields = await _form(request, body)
+        blobs, fields = _split_form(await _form(request, body), "image", bytes)
         options.update(fields)
     else:
         blobs = [body] if body else []
@@ -154,6 +161,58 @@ async def _caption(service: Service, request: Request) -> Response:
         raise bad_request("no image: send one as the body, or as multipart fields named 'image'")
     answer = await service.caption(blobs, options, _disconnected(request))
     return JSONResponse({"captions": answer.captions})
+
+
+async def _generate(service: Service, request: Request) -> Response:
+    """Texts as JSON {"texts": [...]} or form fields `text`; options as query parameters."""
+    service.check_modality("text")
+    service.check_text_tokenizer()
+    service.check_tokenizer()
+    service.admit()
+    options = {k: images.parse_text_value(v) for k, v in request.query_params.items()}
+    body = await _read_body(request, service.options.max_body_mb)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        texts, fields = _split_form(await _form(request, body), "text", str)
+        options.update(fields)
+    elif content_type.startswith("application/x-www-form-urlencoded") and not _looks_json(body):
+        texts, fields = _split_form(_urlencoded(body), "text", str)
+        options.update(fields)
+    else:
+        texts = _json_texts(body)
+    if not texts:
+        raise bad_request("no text: send {\"texts\": [...]} as JSON, or form fields named 'text'")
+    answer = await service.generate(texts, options, _disconnected(request))
+    return JSONResponse({"outputs": answer.captions})
+
+
+def _looks_json(body: bytes) -> bool:
+    """`curl -d '{"texts": ...}'` without -H labels JSON as a form: take it as the JSON it is."""
+    return body.lstrip().startswith(b"{")
+
+
+def _json_texts(body: bytes) -> list[str]:
+    try:
+        payload = json.loads(body) if body else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the body is not valid JSON ({exc})") from None
+    texts = payload.get("texts") if isinstance(payload, dict) else None
+    if texts is None:
+        raise bad_request('the JSON body must be {"texts": ["...", ...]}')
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise bad_request("'texts' must be a list of strings")
+    return texts
+
+
+def _urlencoded(body: bytes) -> list[tuple[str, Any]]:
+    try:
+        return parse_qsl(
+            body.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_FORM_FILES
+        )
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad_request(f"bad form body ({exc})") from None
 
 
 async def _read_body(request: Request, max_mb: float) -> bytes:
@@ -171,8 +230,8 @@ async def _read_body(request: Request, max_mb: float) -> bytes:
     return b"".join(chunks)
 
 
-async def _form(request: Request, body: bytes) -> tuple[list[bytes], dict[str, Any]]:
-    """Multipart: files named 'image' are the images, text fields are options."""
+async def _form(request: Request, body: bytes) -> list[tuple[str, Any]]:
+    """Multipart fields in order: (name, UploadFile or str)."""
 
     async def stream() -> AsyncIterator[bytes]:
         yield body
@@ -184,18 +243,38 @@ async def _form(request: Request, body: bytes) -> tuple[list[bytes], dict[str, A
         form = await parser.parse()
     except MultiPartException as exc:
         raise bad_request(f"bad multipart body: {exc.message}") from None
-    blobs, fields = [], {}
+    items = []
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
-            if key != "image":
-                raise bad_request(
-                    f"unexpected file field {key!r}: images go in fields named 'image'"
-                )
-            blobs.append(await value.read())
+            data = await value.read()
             await value.close()
+            items.append((key, data))
         else:
-            fields[key] = images.parse_text_value(value)
-    return blobs, fields
+            items.append((key, value))
+    return items
+
+
+def _split_form(items: list[tuple[str, Any]], field: str, kind: type) -> tuple[list, dict]:
+    """Fields named `field` are the inputs (files for images, text for texts); other text fields
+    are options. A file under another name is refused, so a typo is not silently ignored."""
+    inputs, options = [], {}
+    for key, value in items:
+        if isinstance(value, bytes) and key != field:
+            raise bad_request(
+                f"unexpected file field {key!r}: {field}s go in fields named {field!r}"
+            )
+        if key == field:
+            if kind is str and isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise bad_request(f"{field} {len(inputs)}: not valid UTF-8") from None
+            elif kind is bytes and isinstance(value, str):
+                raise bad_request(f"field {key!r} must be a file upload")
+            inputs.append(value)
+        else:
+            options[key] = images.parse_text_value(value)
+    return inputs, options
 
 
 def _disconnected(request: Request):

@@ -80,6 +80,9 @@ class Metrics:
         self.images = Counter(
             "vedrt_images", "images submitted to the engine", registry=self.registry
         )
+        self.texts = Counter(
+            "vedrt_texts", "texts submitted to the engine (text models)", registry=self.registry
+        )
         self.registry.register(EngineCollector(service))
 
     def observe(

@@ -20,8 +20,27 @@ import numpy as np
 
 from .errors import bad_request
 
-INPUT = "IMAGE"
-OUTPUTS = {"CAPTION": "BYTES", "TOKENS": "INT64"}
+
+@dataclass(frozen=True)
+class Tensors:
+    """The tensor names one modality's model takes and gives."""
+
+    modality: str
+    input: str  # BYTES [n]
+    output: str  # BYTES [n * num_return_sequences]
+    item: str  # what one input element is, for messages
+
+    @property
+    def outputs(self) -> dict[str, str]:
+        return {self.output: "BYTES", "TOKENS": "INT64"}
+
+
+IMAGE = Tensors("image", "IMAGE", "CAPTION", "encoded image")
+TEXT = Tensors("text", "TEXT", "OUTPUT", "UTF-8 string")
+BY_MODALITY = {t.modality: t for t in (IMAGE, TEXT)}
+# The image names stay importable: the image server was the only one before text models.
+INPUT = IMAGE.input
+OUTPUTS = IMAGE.outputs
 # Triton's reserved request parameters: never generation options.
 RESERVED = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "headers"}
 BINARY_DATA_OUTPUT = "binary_data_output"
@@ -30,35 +49,37 @@ BINARY_DATA_OUTPUT = "binary_data_output"
 @dataclass(frozen=True)
 class InferRequest:
     id: str | None
-    images: list[bytes]
+    items: list[bytes] | list[str]  # images (bytes) or texts (str), per the model's modality
     options: dict[str, Any]
     outputs: dict[str, bool]  # name -> as binary data
     timeout: float | None  # seconds (Triton's `timeout` parameter is microseconds)
 
 
-def model_metadata(name: str) -> dict[str, Any]:
+def model_metadata(name: str, tensors: Tensors = IMAGE) -> dict[str, Any]:
     return {
         "name": name,
         "versions": ["1"],
         "platform": "vedrt",
-        "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+        "inputs": [{"name": tensors.input, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [
-            {"name": "CAPTION", "datatype": "BYTES", "shape": [-1]},
+            {"name": tensors.output, "datatype": "BYTES", "shape": [-1]},
             {"name": "TOKENS", "datatype": "INT64", "shape": [-1, -1]},
         ],
     }
 
 
-def model_config(name: str, max_rows: int, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Triton-style config; max_batch_size 0: the images are the tensor, not a batch dimension."""
+def model_config(
+    name: str, max_rows: int, defaults: dict[str, Any], tensors: Tensors = IMAGE
+) -> dict[str, Any]:
+    """Triton-style config; max_batch_size 0: the inputs are the tensor, not a batch dimension."""
     return {
         "name": name,
         "platform": "vedrt",
         "backend": "vedrt",
         "max_batch_size": 0,
-        "input": [{"name": INPUT, "data_type": "TYPE_STRING", "dims": [-1]}],
+        "input": [{"name": tensors.input, "data_type": "TYPE_STRING", "dims": [-1]}],
         "output": [
-            {"name": "CAPTION", "data_type": "TYPE_STRING", "dims": [-1]},
+            {"name": tensors.output, "data_type": "TYPE_STRING", "dims": [-1]},
             {"name": "TOKENS", "data_type": "TYPE_INT64", "dims": [-1, -1]},
         ],
         "parameters": {
@@ -68,22 +89,22 @@ def model_config(name: str, max_rows: int, defaults: dict[str, Any]) -> dict[str
     }
 
 
-def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
+def parse_infer(body: bytes, header_length: str | None, tensors: Tensors = IMAGE) -> InferRequest:
     """Body (+ the Inference-Header-Content-Length header) -> a checked request, or a 400."""
     header, binary = _split(body, header_length)
     if not isinstance(header, dict):
         raise bad_request("the inference request must be a JSON object")
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
-        raise bad_request(f"the request needs 'inputs' with one tensor named {INPUT}")
+        raise bad_request(f"the request needs 'inputs' with one tensor named {tensors.input}")
     names = [t.get("name") if isinstance(t, dict) else None for t in inputs]
-    unknown = [n for n in names if n != INPUT]
+    unknown = [n for n in names if n != tensors.input]
     if unknown or len(names) != 1:
         raise bad_request(
-            f"unknown input tensor {unknown[0] if unknown else names!r}: this "
-            f"model takes exactly one input, {INPUT} (BYTES, shape [n])"
+            f"unknown input tensor {unknown[0] if unknown else names!r}: this {tensors.modality} "
+            f"model takes exactly one input, {tensors.input} (BYTES, shape [n])"
         )
-    images, used = _image_tensor(inputs[0], binary)
+    items, used = _input_tensor(inputs[0], binary, tensors)
     if used != len(binary):
         raise bad_request(f"{len(binary) - used} bytes of binary data belong to no input")
     params = header.get("parameters") or {}
@@ -94,9 +115,9 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
     timeout = params.get("timeout")
     return InferRequest(
         id=header.get("id"),
-        images=images,
+        items=items,
         options=options,
-        outputs=_requested_outputs(header.get("outputs"), binary_all),
+        outputs=_requested_outputs(header.get("outputs"), binary_all, tensors),
         timeout=timeout / 1e6 if isinstance(timeout, int | float) and timeout > 0 else None,
     )
 
@@ -118,9 +139,12 @@ def _split(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
         raise bad_request(f"the request header is not valid JSON ({exc})") from None
 
 
-def _image_tensor(tensor: dict[str, Any], binary: bytes) -> tuple[list[bytes], int]:
+def _input_tensor(
+    tensor: dict[str, Any], binary: bytes, tensors: Tensors
+) -> tuple[list[bytes] | list[str], int]:
+    name = tensors.input
     if tensor.get("datatype") != "BYTES":
-        raise bad_request(f"{INPUT} must have datatype BYTES, got {tensor.get('datatype')!r}")
+        raise bad_request(f"{name} must have datatype BYTES, got {tensor.get('datatype')!r}")
     shape = tensor.get("shape")
     if (
         not isinstance(shape, list)
@@ -129,30 +153,34 @@ def _image_tensor(tensor: dict[str, Any], binary: bytes) -> tuple[list[bytes], i
         or (len(shape) == 2 and shape[1] != 1)
         or shape[0] < 1
     ):
-        raise bad_request(f"{INPUT} must have shape [n] (n >= 1 encoded images), got {shape!r}")
+        raise bad_request(f"{name} must have shape [n] (n >= 1 {tensors.item}s), got {shape!r}")
     count = shape[0]
     size = (tensor.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or size > len(binary):
-            raise bad_request(f"{INPUT}: binary_data_size {size!r} does not fit the body")
-        images = deserialize_bytes(binary[:size])
+            raise bad_request(f"{name}: binary_data_size {size!r} does not fit the body")
+        items: list[Any] = deserialize_bytes(binary[:size], name)
+        if tensors is TEXT:
+            items = [_from_utf8(item, i) for i, item in enumerate(items)]
         used = size
     else:
-        images = [_from_base64(item, i) for i, item in enumerate(_flatten(tensor.get("data")))]
+        data = _flatten(tensor.get("data"), name)
+        convert = _from_string if tensors is TEXT else _from_base64
+        items = [convert(item, i) for i, item in enumerate(data)]
         used = 0
-    if len(images) != count:
-        raise bad_request(f"{INPUT} has shape {shape} but carries {len(images)} elements")
-    return images, used
+    if len(items) != count:
+        raise bad_request(f"{name} has shape {shape} but carries {len(items)} elements")
+    return items, used
 
 
-def _flatten(data: Any) -> list[Any]:
+def _flatten(data: Any, name: str) -> list[Any]:
     if data is None:
-        raise bad_request(f"{INPUT} has neither 'data' nor parameters.binary_data_size")
+        raise bad_request(f"{name} has neither 'data' nor parameters.binary_data_size")
     if not isinstance(data, list):
         return [data]
     out: list[Any] = []
     for item in data:
-        out.extend(_flatten(item) if isinstance(item, list) else [item])
+        out.extend(_flatten(item, name) if isinstance(item, list) else [item])
     return out
 
 
@@ -165,16 +193,30 @@ def _from_base64(item: Any, index: int) -> bytes:
         raise bad_request(f"{INPUT} element {index}: not valid base64") from None
 
 
-def _requested_outputs(outputs: Any, binary_all: bool) -> dict[str, bool]:
+def _from_string(item: Any, index: int) -> str:
+    if not isinstance(item, str):
+        raise bad_request(f"{TEXT.input} element {index}: JSON texts must be strings")
+    return item
+
+
+def _from_utf8(item: bytes, index: int) -> str:
+    try:
+        return item.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request(f"{TEXT.input} element {index}: not valid UTF-8") from None
+
+
+def _requested_outputs(outputs: Any, binary_all: bool, tensors: Tensors) -> dict[str, bool]:
     if outputs is None:
-        return {"CAPTION": binary_all}
+        return {tensors.output: binary_all}
     if not isinstance(outputs, list):
         raise bad_request("'outputs' must be a list")
     requested: dict[str, bool] = {}
     for item in outputs:
         name = item.get("name") if isinstance(item, dict) else None
-        if name not in OUTPUTS:
-            raise bad_request(f"unknown output {name!r} (available: {', '.join(OUTPUTS)})")
+        if name not in tensors.outputs:
+            available = ", ".join(tensors.outputs)
+            raise bad_request(f"unknown output {name!r} (available: {available})")
         params = item.get("parameters") or {}
         if "classification" in params:
             raise bad_request("the classification extension is not supported")
@@ -182,16 +224,16 @@ def _requested_outputs(outputs: Any, binary_all: bool) -> dict[str, bool]:
     return requested
 
 
-def deserialize_bytes(buffer: bytes) -> list[bytes]:
+def deserialize_bytes(buffer: bytes, name: str = INPUT) -> list[bytes]:
     """Triton's BYTES encoding: each element a uint32 LE length, then its bytes."""
     items, offset = [], 0
     while offset < len(buffer):
         if offset + 4 > len(buffer):
-            raise bad_request(f"{INPUT}: binary data ends inside an element's length")
+            raise bad_request(f"{name}: binary data ends inside an element's length")
         (length,) = struct.unpack_from("<I", buffer, offset)
         offset += 4
         if offset + length > len(buffer):
-            raise bad_request(f"{INPUT}: binary element of {length} bytes runs past the data")
+            raise bad_request(f"{name}: binary element of {length} bytes runs past the data")
         items.append(bytes(buffer[offset : offset + length]))
         offset += length
     return items
@@ -204,17 +246,20 @@ def serialize_bytes(items: list[bytes]) -> bytes:
 def encode_infer(
     request: InferRequest, model: str, captions: list[str], tokens: np.ndarray
 ) -> tuple[bytes, dict[str, str]]:
-    """The response body and headers; binary outputs follow the JSON in the requested order."""
+    """The response body and headers; binary outputs follow the JSON in the requested order.
+
+    `captions`: the texts of the BYTES output (CAPTION or OUTPUT, whichever was asked for)."""
     tensors, blobs = [], []
     for name, binary in request.outputs.items():
-        if name == "CAPTION":
+        if name != "TOKENS":
             shape, data = [len(captions)], captions
             raw = serialize_bytes([c.encode() for c in captions]) if binary else b""
         else:
             tokens64 = np.ascontiguousarray(tokens, dtype="<i8")
             shape, data = list(tokens64.shape), tokens64.ravel().tolist()
             raw = tokens64.tobytes() if binary else b""
-        tensor: dict[str, Any] = {"name": name, "datatype": OUTPUTS[name], "shape": shape}
+        datatype = "INT64" if name == "TOKENS" else "BYTES"
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
         if binary:
             tensor["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)

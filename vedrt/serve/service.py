@@ -1,4 +1,4 @@
-"""The model behind the endpoints: admission, image decoding, the engine, and draining.
+"""The model behind the endpoints: admission, image decoding or tokenizing, the engine, draining.
 
 HTTP-free so the Starlette app and the Ray Serve replica share it. All methods run on the event
 loop's thread; generation runs on the engine's thread and image decoding on a small pool, and the
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.errors import InputError
-from . import images
+from . import images, protocol
 from .errors import ServeError, bad_request
 from .metrics import Metrics
 
@@ -64,7 +64,13 @@ class Service:
         self.options = options
         self.name = options.model_name
         self.generator = generator or load(options.model, threads=options.threads)
-        _ = self.generator.processor  # load once, not on a decoding thread
+        self.modality = self.generator.manifest.modality
+        self.tensors = protocol.BY_MODALITY[self.modality]
+        self.text_tokenizer = None  # strings -> input_ids (text models with tokenizer.json)
+        if self.modality == "text":
+            self.text_tokenizer = _text_tokenizer(self.generator)
+        else:
+            _ = self.generator.processor  # load once, not on a decoding thread
         self.has_tokenizer = _loads_tokenizer(self.generator)
         self.engine = engine or self.generator.engine(
             max_rows=options.max_rows, admit_every=options.admit_every
@@ -107,6 +113,19 @@ class Service:
         if not self.has_tokenizer:
             raise bad_request("this export has no tokenizer: ask for the TOKENS output instead")
 
+    def check_modality(self, modality: str) -> None:
+        """/v1/caption is for image models, /v1/generate for text models: say which to use."""
+        if modality != self.modality:
+            endpoint = "/v1/caption" if self.modality == "image" else "/v1/generate"
+            kind = "an image" if self.modality == "image" else "a text"
+            raise bad_request(f"{self.name!r} is {kind} model: send its requests to {endpoint}")
+
+    def check_text_tokenizer(self) -> None:
+        if self.text_tokenizer is None:
+            raise bad_request(
+                "this text export has no tokenizer.json: TEXT inputs cannot be tokenized"
+            )
+
     def check_model(self, name: str) -> None:
         if name != self.name:
             raise ServeError(404, f"unknown model {name!r} (this server has {self.name!r})")
@@ -130,35 +149,68 @@ class Service:
         timeout: float | None = None,
     ) -> Answer:
         """Decode, submit, await: a 400 before the engine, 503 when full, 504 past the deadline."""
+        if not blobs:
+            raise bad_request("no image in the request")
+        self.check_modality("image")
+        return await self._run(
+            len(blobs), lambda: self._prepare(blobs), raw_options, disconnected, timeout
+        )
+
+    async def generate(
+        self,
+        texts: list[str],
+        raw_options: dict[str, Any],
+        disconnected: Callable[[], Awaitable[Any]] | None = None,
+        timeout: float | None = None,
+    ) -> Answer:
+        """Tokenize (off the loop), submit the padded batch as one request, await; as `caption`."""
+        if not texts:
+            raise bad_request("no text in the request")
+        self.check_modality("text")
+        self.check_text_tokenizer()
+        return await self._run(
+            len(texts), lambda: self._tokenize(texts), raw_options, disconnected, timeout
+        )
+
+    async def _run(
+        self,
+        count: int,
+        prepare: Callable[[], Any],
+        raw_options: dict[str, Any],
+        disconnected: Callable[[], Awaitable[Any]] | None,
+        timeout: float | None,
+    ) -> Answer:
         arrival = time.monotonic()
         deadline = arrival + min(
             timeout or self.options.request_timeout, self.options.request_timeout
         )
-        if not blobs:
-            raise bad_request("no image in the request")
         options = images.generation_options(self.generator, raw_options, self.options.max_rows)
-        rows = images.rows_needed(self.generator, options, len(blobs))
+        rows = images.rows_needed(self.generator, options, count)
         if rows > self.options.max_rows:
             raise bad_request(
-                f"the request needs {rows} decoder rows ({len(blobs)} images x "
-                f"{rows // len(blobs)}), more than this server's --max-rows={self.options.max_rows}"
+                f"the request needs {rows} decoder rows ({count} {self.modality}s x "
+                f"{rows // count}), more than this server's --max-rows={self.options.max_rows}"
             )
         self.admit()
         self.in_flight += 1
         try:
-            handle = await self._submit(blobs, options)
-            self.metrics.images.inc(len(blobs))
+            handle = await self._submit(prepare, options)
+            (self.metrics.images if self.modality == "image" else self.metrics.texts).inc(count)
             return await self._await(handle, deadline, arrival, disconnected)
         finally:
             self.in_flight -= 1
 
-    async def _submit(self, blobs: list[bytes], options: dict[str, Any]) -> Any:
+    async def _submit(self, prepare: Callable[[], Any], options: dict[str, Any]) -> Any:
         loop = asyncio.get_running_loop()
         self.preparing += 1
         try:
-            pixel_values = await loop.run_in_executor(self.pool, self._prepare, blobs)
+            inputs = await loop.run_in_executor(self.pool, prepare)
             try:
-                return self.engine.submit(pixel_values, **options)
+                if isinstance(inputs, dict):  # a text batch: one request, padded and masked
+                    return self.engine.submit(
+                        inputs["input_ids"], attention_mask=inputs["attention_mask"], **options
+                    )
+                return self.engine.submit(inputs, **options)
             except InputError as exc:
                 raise bad_request(str(exc)) from None
         finally:
@@ -171,6 +223,28 @@ class Service:
             return self.generator.preprocess(pictures)
         except InputError as exc:
             raise bad_request(str(exc)) from None
+
+    def _tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Worker thread: strings -> padded input_ids + attention_mask, or a 400 naming the text."""
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise bad_request(f"text {index}: empty")
+        try:
+            inputs = self.text_tokenizer(texts)
+        except InputError as exc:
+            raise bad_request(str(exc)) from None
+        limit = self.generator.manifest.encoder.get("max_positions")
+        lengths = inputs["attention_mask"].sum(axis=1)
+        for index, length in enumerate(lengths.tolist()):
+            if length == 0:
+                raise bad_request(
+                    f"text {index}: no tokens (the tokenizer dropped every character)"
+                )
+            if limit is not None and length > limit:
+                raise bad_request(
+                    f"text {index}: {length} tokens, more than the encoder's {limit} positions"
+                )
+        return inputs
 
     async def _await(
         self,
@@ -230,6 +304,16 @@ class Service:
             ends = np.flatnonzero(np.isin(row, eos)) if eos else []
             total += int(ends[0]) + 1 if len(ends) else row.shape[0]
         return total
+
+
+def _text_tokenizer(generator: Any) -> Any:
+    """The export's tokenizer.json as `Generator.generate_text` uses it, or None without one."""
+    from ..runtime.textinputs import Tokenizer
+
+    try:
+        return Tokenizer(generator.manifest.root, generator.manifest)
+    except InputError:
+        return None
 
 
 def _loads_tokenizer(generator: Any) -> bool:
