@@ -48,3 +48,11 @@ def test_engine_example_runs_after_the_python_example(monkeypatch, capsys) -> No
     gen, pixels = namespace["gen"], namespace["pixel_values"]
     np.testing.assert_array_equal(namespace["ids"], gen.generate(pixels, num_beams=4))
     assert namespace["engine"].idle()
+
+
+def test_text_model_example_runs_as_written(monkeypatch, capsys) -> None:
+    monkeypatch.chdir(ROOT)
+    code = _python_block("Text models (EncoderDecoderModel)")
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102  (the point of the test)
+    printed = capsys.readouterr().out
+    assert "triangle green large ; circle yellow small ; left" in printed
