@@ -40,6 +40,7 @@ def dim_ranges(limits: Limits) -> dict[str, tuple[int, int, int]]:
         "batch_beams": (1, limits.max_beams, limits.max_batch * limits.max_beams),
         "slots": (1, 1, limits.max_batch * limits.max_beams),  # an engine's image slots
         "groups": (1, 1, limits.max_batch * limits.max_beams),
+        "enc_len": (1, 64, 512),  # text encoders: tokens per input (images have a fixed length)
         "new_len": (1, 1, 1),  # the prompt is the start token alone, then one token per step
         "cache_len": (1, limits.max_new_tokens, limits.max_new_tokens),
     }
