@@ -23,42 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from .cohort import Active as _Active
+from .cohort import cohort_key as _cohort_key
 from .errors import InputError
 from .handle import EngineStopped, Handle
 from .options import PROMPT_LEN, GenerationOptions
 from .search import new_search, rows_needed
 
 __all__ = ["Engine", "EngineStopped", "Handle"]
-
-
-class _Active:
-    """Requests admitted to the pool together with the same options, stepped as one search (a
-    cohort: one batched search costs the host what one request does), with its rows and image
-    slots. Each member is answered as soon as its own images are done: the search decides that
-    per slice exactly as a search over that member alone would."""
-
-    def __init__(self, members: list[tuple[Handle, slice]], search: Any, offset: int, slots: list):
-        self.members = members
-        self.search = search
-        self.offset = offset
-        self.rows = search.rows
-        self.slots = slots
-        self.options = members[0][0].options
-
-    @property
-    def handles(self) -> list[Handle]:
-        return [handle for handle, _ in self.members]
-
-    def open_members(self) -> list[tuple[Handle, slice]]:
-        return [(h, images) for h, images in self.members if not h.done()]
-
-
-def _cohort_key(o: GenerationOptions) -> Any:
-    """Requests with equal options may share one search, unless they sample (each has its own
-    random stream) or collect per-step scores or attentions (those are per search)."""
-    if o.do_sample or o.output_scores or o.output_attentions:
-        return object()  # a key equal to no other
-    return o
 
 
 class Engine:
