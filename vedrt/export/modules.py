@@ -154,11 +154,11 @@ class DecoderStep(nn.Module):
 
     def _init_head(self, head: nn.Linear) -> None:
         # A head tied to the token embedding is exported as two initializers on purpose: the
-        # [vocab, d] table read only by the token Gather and its [d, vocab] transpose read only by
-        # the head MatMul (in HEAD_BLOCK column blocks). ONNX Runtime prepacks the MatMul's copy and drops the original, and a
-        # lookup touches only its tokens' rows of the table, so the mapped table never becomes
-        # resident in full (one shared matrix kept 154 MB of GPT-2's head resident twice). It
-        # costs the table's size on disk; int8 exports share it again (quantize.py).
+        # [vocab, d] table read only by the token Gather, and its [d, vocab] transpose read only
+        # by the head MatMul (in HEAD_BLOCK column blocks). ONNX Runtime prepacks the MatMul's
+        # copy and releases the original, and a lookup touches only its tokens' rows of the
+        # table, so neither is resident in full (one shared matrix kept GPT-2's 154 MB head
+        # resident twice). It costs the table's size on disk; int8 shares it again (quantize.py).
         self.tied = head.weight is self.token_embedding.weight
         if self.tied:
             columns = head.weight.detach().t().split(HEAD_BLOCK, dim=1)
