@@ -40,10 +40,16 @@ def test_every_row_exports_and_validates(exported, encoder, decoder):
         "preprocessor_config.json",
     ):
         assert (out / name).is_file(), name
-    # every weight stored once: the graphs' weights add up to no more than the checkpoint's
+    # every weight stored once: the graphs' weights add up to no more than the checkpoint's, with
+    # one documented exception (docs/export-format.md): a head tied to the token embedding is
+    # stored as the lookup table and as the head's transpose, so ONNX Runtime can release the
+    # mapped original of the prepacked head and keep only looked-up rows of the table resident
     weights = sum(_initializer_bytes(out / g["file"]) for g in manifest["graphs"].values())
     params = sum(p.numel() for p in model.parameters()) * 4
-    assert weights <= params * 1.01
+    table = model.decoder.get_input_embeddings().weight
+    head = model.decoder.get_output_embeddings()
+    tied = head is not None and head.weight is table
+    assert weights <= params * 1.01 + (table.numel() * 4 if tied else 0)
 
 
 def test_manifest_names_match_the_graphs(exported):

@@ -56,6 +56,73 @@ def test_int8_export_quantizes_every_weight_matmul(int8_export, exported, capsys
 
     decoder = onnx.load(str(int8_export / "decoder.onnx"), load_external_data=False)
     assert "head_weight_t" not in {t.name for t in decoder.graph.initializer}
+    vocab = json.loads((int8_export / "config.json").read_text())["decoder"]["vocab_size"]
+    fp32_tables = [
+        t.name
+        for t in decoder.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and vocab in t.dims and len(t.dims) == 2
+    ]
+    assert fp32_tables == []  # nor the fp32 lookup table the fp32 export keeps beside it
+
+
+def _tied_head_readers(out, vocab: int, width: int) -> tuple[list, list, dict]:
+    """The decoder's [vocab, d] tables, its [d, *] head blocks in Concat order, and who reads
+    each initializer (op types)."""
+    import onnx
+    from onnx import numpy_helper
+
+    decoder = onnx.load(str(out / "decoder.onnx"))
+    init = {t.name: numpy_helper.to_array(t) for t in decoder.graph.initializer}
+    readers: dict[str, set[str]] = {}
+    for node in decoder.graph.node:
+        for name in node.input:
+            if name in init:
+                readers.setdefault(name, set()).add(node.op_type)
+    tables = [init[n] for n in init if init[n].shape == (vocab, width)]
+    blocks = [init[n] for n in sorted(init, key=_block_order) if n.startswith("head_blocks.")]
+    return tables, blocks, readers
+
+
+def _block_order(name: str) -> tuple[int, str]:
+    tail = name.rsplit(".", 1)[-1]
+    return (int(tail), name) if tail.isdigit() else (-1, name)
+
+
+def test_tied_head_has_its_own_lookup_table(exported):
+    """fp32: the token Gather reads a [vocab, d] table and the head MatMul its [d, vocab]
+    transpose, never one matrix for both: ONNX Runtime drops a prepacked MatMul weight's
+    original only when nothing else reads it, and a row-major table keeps only the looked-up
+    rows resident."""
+    model, out = exported("vit", "gpt2")
+    vocab, width = model.decoder.get_input_embeddings().weight.shape
+    tables, blocks, readers = _tied_head_readers(out, vocab, width)
+    assert len(tables) == 1 and len(blocks) == 1
+    np.testing.assert_array_equal(tables[0].T, blocks[0])
+    assert readers["head_blocks.0"] == {"MatMul"}
+    table = next(n for n, ops in readers.items() if ops == {"Gather"} and "token" in n)
+    assert table == "token_embedding.weight"
+
+
+def test_tied_head_in_blocks_exports_and_int8_joins_them(tmp_path, monkeypatch):
+    """A head wider than HEAD_BLOCK is split (bounds ORT's load-time peak, see modules.py) and
+    still validates within 1e-4; int8 joins the blocks into one matrix the lookup shares."""
+    import onnx
+
+    from vedrt.export import export_model, modules
+
+    monkeypatch.setattr(modules, "HEAD_BLOCK", 40)
+    model = tiny_model("vit", "gpt2")
+    vocab, width = model.decoder.get_input_embeddings().weight.shape
+    export_model(model, tmp_path / "fp32")
+    assert json.loads((tmp_path / "fp32" / "vedrt.json").read_text())["validation"]["passed"]
+    tables, blocks, _ = _tied_head_readers(tmp_path / "fp32", vocab, width)
+    assert [b.shape[1] for b in blocks] == [40, 40, vocab - 80]
+    np.testing.assert_array_equal(tables[0].T, np.concatenate(blocks, axis=1))
+    export_model(model, tmp_path / "int8", quantize="int8")
+    decoder = onnx.load(str(tmp_path / "int8" / "decoder.onnx"), load_external_data=False)
+    names = {t.name for t in decoder.graph.initializer}
+    assert "head_weight_t_quantized" in names
+    assert not any(n.startswith("head_blocks") or n == "token_embedding.weight" for n in names)
 
 
 def test_weights_are_stored_beside_the_graphs(exported):

@@ -24,6 +24,10 @@ from .architectures import DecoderFamily, decoder_family, get_path, optional_pat
 # needs at most (1 + EOS ids, at least 2) x num_beams candidates from any one row, so with no
 # logits processor active the host ranks TOP_K per row instead of the whole vocabulary.
 TOP_K = 16
+# A tied head's [d, vocab] MatMul weight is split into column blocks this wide. ONNX Runtime holds
+# a weight's mapped original and its prepacked copy at once while loading; one block at a time
+# bounds that load-time peak (GPT-2's whole head: +154 MB; one block: +25 MB).
+HEAD_BLOCK = 8192
 
 
 def decoder_dims(config) -> tuple[int, int, int]:
@@ -158,13 +162,17 @@ class DecoderStep(nn.Module):
         self._init_head(get_path(decoder, f.head))
 
     def _init_head(self, head: nn.Linear) -> None:
-        # A head tied to the token embedding would be stored twice in ONNX (the table for the
-        # lookup and its transpose for the MatMul). Keep one [d, vocab] matrix and look tokens up
-        # in its columns instead.
+        # A head tied to the token embedding is exported as two initializers on purpose: the
+        # [vocab, d] table read only by the token Gather, and its [d, vocab] transpose read only
+        # by the head MatMul (in HEAD_BLOCK column blocks). ONNX Runtime prepacks the MatMul's
+        # copy and releases the original, and a lookup touches only its tokens' rows of the
+        # table, so neither is resident in full (one shared matrix kept GPT-2's 154 MB head
+        # resident twice). It costs the table's size on disk; int8 shares it again (quantize.py).
         self.tied = head.weight is self.token_embedding.weight
         if self.tied:
-            self.head_weight_t = nn.Parameter(
-                head.weight.detach().t().contiguous(), requires_grad=False
+            columns = head.weight.detach().t().split(HEAD_BLOCK, dim=1)
+            self.head_blocks = nn.ParameterList(
+                nn.Parameter(block.contiguous(), requires_grad=False) for block in columns
             )
         else:
             self.head = head
@@ -172,12 +180,8 @@ class DecoderStep(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, past_lengths: torch.Tensor) -> torch.Tensor:
         n, t = input_ids.shape
-        if self.tied:
-            tokens = self.head_weight_t.index_select(1, input_ids.reshape(-1)).t().reshape(n, t, -1)
-        else:
-            tokens = self.token_embedding.weight.index_select(0, input_ids.reshape(-1)).reshape(
-                n, t, -1
-            )
+        table = self.token_embedding.weight
+        tokens = table.index_select(0, input_ids.reshape(-1)).reshape(n, t, -1)
         tokens = tokens * self.embed_scale if self.embed_scale != 1.0 else tokens
         past = past_lengths.unsqueeze(1)  # [N, 1]: every row at its own position
         if self.positions == "padding":
@@ -271,7 +275,8 @@ class DecoderStep(nn.Module):
             last = self.head_norm(self.head_activation(self.head_dense(last)))
         if not self.tied:
             return self.head(last)
-        logits = torch.matmul(last, self.head_weight_t)
+        blocks = [torch.matmul(last, weight) for weight in self.head_blocks]
+        logits = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
         return logits + self.head_bias if self.head_bias is not None else logits
 
     def masks(self, past_lengths, cache_len: int, group_slots, encoder_mask, dtype):

@@ -24,6 +24,7 @@ def quantize_graph(path: Path) -> None:
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    _tie_lookup_to_head(path)
     tmp = path.with_suffix(".int8.tmp")
     with quiet():
         quantize_dynamic(
@@ -37,6 +38,102 @@ def quantize_graph(path: Path) -> None:
         )
     os.replace(tmp, path)
     _share_quantized_tables(path)
+
+
+def _tie_lookup_to_head(path: Path) -> None:
+    """Look tokens up in the columns of a tied head again, so int8 stores that matrix once.
+
+    fp32 exports keep a tied head's [vocab, d] lookup table beside its [d, vocab] MatMul copy
+    (modules.py: then only the looked-up rows become resident). Quantized, the int8 head is a
+    quarter of the table's size, so a Gather reading exactly the head's transpose is pointed at
+    the head (`Gather(axis=1)` + `Transpose`) and `_share_quantized_tables` then reads its int8
+    copy. Only 1-D token indices are rewritten (what DecoderStep.embed emits); any other Gather
+    keeps its own table.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in list(inferred.value_info) + list(inferred.input)
+        if v.type.tensor_type.HasField("shape")
+    }
+    changed = _merge_head_blocks(graph)
+    tables = {t.name: t for t in graph.initializer if len(t.dims) == 2}
+    heads = {
+        node.input[1]
+        for node in graph.node
+        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in tables
+    }
+    for node in list(graph.node):
+        if node.op_type != "Gather" or node.input[0] not in tables:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if axis != 0 or ranks.get(node.input[1]) != 1:
+            continue
+        rows = numpy_helper.to_array(tables[node.input[0]])
+        head = next((h for h in sorted(heads) if _is_transpose(rows, tables[h])), None)
+        if head is None:
+            continue
+        columns = node.output[0] + "/columns"
+        flip = helper.make_node(
+            "Transpose", [columns], [node.output[0]], node.name + "/Transpose", perm=[1, 0]
+        )
+        node.input[0], node.output[0] = head, columns
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("axis", 1))
+        graph.node.insert(list(graph.node).index(node) + 1, flip)
+        changed = True
+    if changed:
+        prune(graph)
+        onnx.save(model, str(path))
+
+
+def _merge_head_blocks(graph) -> bool:
+    """Join a head exported in column blocks back into one MatMul named `head_weight_t`.
+
+    fp32 splits a tied head (modules.HEAD_BLOCK) only to bound ONNX Runtime's load-time peak;
+    int8 blocks are a quarter the size, and a token Gather can share one [d, vocab] matrix only.
+    A block set is a last-axis Concat of MatMuls that share their input and read 2-D weights.
+    """
+    from onnx import helper, numpy_helper
+
+    producers = {out: node for node in graph.node for out in node.output}
+    weights = {t.name: t for t in graph.initializer if len(t.dims) == 2}
+    merged = False
+    for concat in [node for node in graph.node if node.op_type == "Concat"]:
+        parts = [producers.get(name) for name in concat.input]
+        axis = next((a.i for a in concat.attribute if a.name == "axis"), None)
+        if axis != -1 or len(parts) < 2 or "head_weight_t" in weights:
+            continue
+        if any(p is None or p.op_type != "MatMul" or p.input[1] not in weights for p in parts):
+            continue
+        if len({p.input[0] for p in parts}) != 1:
+            continue
+        blocks = [numpy_helper.to_array(weights[p.input[1]]) for p in parts]
+        if len({b.shape[0] for b in blocks}) != 1:
+            continue
+        head = numpy_helper.from_array(np.concatenate(blocks, axis=1), "head_weight_t")
+        graph.initializer.append(head)
+        weights[head.name] = head
+        matmul = helper.make_node(
+            "MatMul", [parts[0].input[0], head.name], [concat.output[0]], concat.name + "/MatMul"
+        )
+        graph.node.insert(list(graph.node).index(concat), matmul)
+        graph.node.remove(concat)
+        merged = True
+    return merged
+
+
+def _is_transpose(rows: np.ndarray, tensor) -> bool:
+    from onnx import numpy_helper
+
+    return list(tensor.dims) == list(rows.shape[::-1]) and np.array_equal(
+        rows.T, numpy_helper.to_array(tensor)
+    )
 
 
 def _share_quantized_tables(path: Path) -> None:
