@@ -181,3 +181,35 @@ def test_generate_text_and_the_cli(tmp_path, capsys, monkeypatch):
     assert [line["output"] for line in lines] == expected
     assert main([*args, "--num-beams", "0", "w5"]) == 2
     assert "num_beams" in capsys.readouterr().err
+
+
+def shifted_tokenizer():
+    """Another 96-word tokenizer: the same words, other ids (v3 is 95, v4 is 94, ...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, **{f"w{i}": 98 - i for i in range(3, 96)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]"
+    )
+
+
+def test_encoder_with_its_own_tokenizer(tmp_path):
+    """bert2gpt2-style checkpoints tokenize the input with the encoder's tokenizer and decode
+    with the decoder's: the export carries both (`encoder_tokenizer/`), and an --overwrite
+    re-export accepts that folder as its own."""
+    from vedrt.export import export_model
+
+    model = text_model("bert", "gpt2", seed=4)
+    encoder_tok, decoder_tok = shifted_tokenizer(), word_tokenizer()
+    out = tmp_path / "export"
+    export_model(model, out, tokenizer=decoder_tok, encoder_tokenizer=encoder_tok)
+    assert (out / "encoder_tokenizer" / "tokenizer.json").is_file()
+    texts = ["w5 w6 w7 w8", "w9 w10"]
+    batch = encoder_tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**batch, num_beams=2, max_new_tokens=6)
+    expected = decoder_tok.batch_decode(ref, skip_special_tokens=True)
+    assert load(out).generate_text(texts, num_beams=2, max_new_tokens=6) == expected
+    export_model(model, out, overwrite=True, tokenizer=decoder_tok, encoder_tokenizer=encoder_tok)

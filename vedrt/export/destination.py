@@ -81,6 +81,8 @@ def check(out: Path, overwrite: bool, source: Path | None) -> None:
 
 def _written_by_vedrt(path: Path) -> bool:
     """A file `vedrt export` or `vedrt build` writes into an export directory."""
+    if path.is_dir() and not path.is_symlink() and path.name == "encoder_tokenizer":
+        return all(_written_by_vedrt(p) for p in path.iterdir())
     if path.is_symlink() or not path.is_file():
         return False
     return path.name in WRITTEN or any(fnmatch.fnmatch(path.name, p) for p in WRITTEN_PATTERNS)

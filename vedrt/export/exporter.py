@@ -26,6 +26,7 @@ from .quantize import QUANTIZE_CHOICES, quantize_graphs, token_agreement
 from .schema import build_manifest, optimization_fields
 from .validate import Validation, ValidationError, eager_attention, validate_export
 
+ENCODER_TOKENIZER = "encoder_tokenizer"  # a text encoder's own tokenizer, when not the decoder's
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -182,6 +183,13 @@ def _write_side_files(
     return warnings
 
 
+def _write_encoder_tokenizer(src: Path | None, tmp: Path, encoder_tokenizer) -> None:
+    if encoder_tokenizer is not None:
+        encoder_tokenizer.save_pretrained(str(tmp / ENCODER_TOKENIZER))
+    elif src is not None and (src / ENCODER_TOKENIZER / "tokenizer.json").is_file():
+        shutil.copytree(src / ENCODER_TOKENIZER, tmp / ENCODER_TOKENIZER)
+
+
 def export_model(
     model_or_dir,
     out_dir: str | os.PathLike,
@@ -192,12 +200,17 @@ def export_model(
     overwrite: bool = False,
     tokenizer=None,
     image_processor=None,
+    encoder_tokenizer=None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
-    """Export a VisionEncoderDecoderModel (object or saved directory) to an export directory.
+    """Export a VisionEncoderDecoderModel or a text EncoderDecoderModel (object or saved
+    directory) to an export directory.
 
     `tokenizer` / `image_processor` are needed only for a model object without a directory to
-    read them from. `progress` is called with each stage's name as it starts.
+    read them from. `encoder_tokenizer`: a text model whose encoder has a tokenizer of its own
+    (bert2gpt2); saved as `encoder_tokenizer/` (a checkpoint directory's own `encoder_tokenizer/`
+    is copied), else the one tokenizer serves both sides. `progress` is called with each stage's
+    name as it starts.
     """
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ExportError(
@@ -267,6 +280,7 @@ def export_model(
             )
         progress("write")
         warnings = _write_side_files(model, src, tmp, image_size, tokenizer, image_processor)
+        _write_encoder_tokenizer(src, tmp, encoder_tokenizer)
         warnings += quant_warnings + leftovers
         externalize(tmp)  # weights beside the graphs: faster load, lower peak memory
         graph_bytes = {spec.file: graph_size(tmp / spec.file) for spec in specs.values()}

@@ -2,7 +2,8 @@
 
 `check_text_inputs` gives one clear error for the wrong type, rank, ids outside the encoder's
 vocabulary or an empty text, before any graph runs. `Tokenizer` encodes strings with the export's
-tokenizer.json the way transformers' tokenizer(..., padding=True) does for these models.
+encoder tokenizer (`encoder_tokenizer/tokenizer.json` when the encoder has its own, as in
+bert2gpt2, else `tokenizer.json`) the way transformers' tokenizer(..., padding=True) does.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ class Tokenizer:
     def __init__(self, root: str | Path, manifest: Manifest):
         from tokenizers import Tokenizer as HFTokenizer
 
-        path = Path(root) / "tokenizer.json"
+        path = Path(root) / "encoder_tokenizer" / "tokenizer.json"  # the encoder's own, if any
+        if not path.is_file():
+            path = Path(root) / "tokenizer.json"
         if not path.is_file():
             raise InputError(f"{root} has no tokenizer.json: pass input_ids to generate() instead")
         self.tokenizer = HFTokenizer.from_file(str(path))
