@@ -1,4 +1,4 @@
-"""What the torch-based executors share: host-to-device copies and the device pool."""
+"""What the torch-based executors share: host-to-device copies and the bound step tensors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import numpy as np
 import torch
 
 from ..runtime.pool import KVPool
-from .ops import TorchOps
 
 
 def to_device(pixel_values: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -15,19 +14,6 @@ def to_device(pixel_values: np.ndarray, device: torch.device, dtype: torch.dtype
     if device.type == "cuda":
         tensor = tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device=device, dtype=dtype)
-
-
-def device_pool(
-    ops: TorchOps,
-    dims: tuple[int, int, int],
-    rows: int,
-    slots: int,
-    cache_len: int,
-    enc_len: int,
-    dtype: torch.dtype,
-) -> KVPool:
-    """The engine's pool as torch tensors on `ops.device` (see `vedrt.runtime.pool`)."""
-    return KVPool(ops, dims, rows, slots, cache_len, enc_len, dtype)
 
 
 def step_tensors(

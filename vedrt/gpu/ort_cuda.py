@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..manifest import Manifest
 from ..runtime.executor import Encoded, StepOutput
 from ..runtime.pool import KVPool
-from .device import device_pool, finish_step, step_tensors, to_device
+from .device import finish_step, step_tensors, to_device
 from .ops import TorchOps
 
 _NP = {torch.float32: np.float32, torch.int64: np.int64}
@@ -87,7 +87,7 @@ class OrtCudaExecutor:
 
     def new_pool(self, rows: int, slots: int, cache_len: int, enc_len: int) -> KVPool:
         dims = (self.layers, self.m.num_heads, self.m.head_dim)
-        return device_pool(self.ops, dims, rows, slots, cache_len, enc_len, torch.float32)
+        return KVPool(self.ops, dims, rows, slots, cache_len, enc_len, torch.float32)
 
     def decode(
         self, pool: KVPool, rows: int, groups: int, want_attentions: bool = False

@@ -18,7 +18,7 @@ import torch
 from ..export.modules import CrossKV, DecoderStep, EncoderGraph, TextEncoderGraph, decoder_dims
 from ..runtime.executor import Encoded, StepOutput
 from ..runtime.pool import KVPool
-from .device import device_pool, to_device
+from .device import to_device
 from .ops import TorchOps
 
 
@@ -64,7 +64,7 @@ class TorchExecutor:
 
     def new_pool(self, rows: int, slots: int, cache_len: int, enc_len: int) -> KVPool:
         dims = (self.layers, self.heads, self.head_dim)
-        return device_pool(self.ops, dims, rows, slots, cache_len, enc_len, self.dtype)
+        return KVPool(self.ops, dims, rows, slots, cache_len, enc_len, self.dtype)
 
     @torch.no_grad()
     def decode(

@@ -26,7 +26,7 @@ import numpy as np
 from .cohort import Active as _Active
 from .cohort import cohort_key as _cohort_key
 from .errors import InputError
-from .handle import EngineStopped, Handle
+from .handle import EngineStopped, Handle, input_batch
 from .options import PROMPT_LEN, GenerationOptions
 from .search import new_search, rows_needed
 
@@ -87,7 +87,7 @@ class Engine:
 
     def submit_resolved(self, inputs: Any, o: GenerationOptions) -> Handle:
         """`submit` for inputs and options already checked (`Generator.check_inputs`)."""
-        batch = int((inputs["input_ids"] if isinstance(inputs, dict) else inputs).shape[0])
+        batch = input_batch(inputs)
         rows = rows_needed(o, batch)
         if rows > self.max_rows:
             raise InputError(

@@ -18,6 +18,7 @@ from . import search
 from .engine import Engine
 from .errors import InputError
 from .executor import Executor
+from .handle import input_batch
 from .options import PROMPT_LEN
 from .search import GenerateOutput
 
@@ -50,8 +51,7 @@ class Generator:
         """
         o = self.options(**options)
         inputs = self.check_inputs(inputs, attention_mask)
-        batch = (inputs["input_ids"] if isinstance(inputs, dict) else inputs).shape[0]
-        rows = search.rows_needed(o, batch)
+        rows = search.rows_needed(o, input_batch(inputs))
         engine = Engine(self, max_rows=rows, cache_len=o.max_length - PROMPT_LEN)
         handle = engine.submit_resolved(inputs, o)
         while not handle.done():

@@ -8,6 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 
+def input_batch(inputs: Any) -> int:
+    """How many images (pixel values) or texts ({"input_ids", ...}) a request's inputs hold."""
+    return int((inputs["input_ids"] if isinstance(inputs, dict) else inputs).shape[0])
+
+
 class EngineStopped(RuntimeError):
     """The request did not run to the end: cancelled, or the engine stopped without draining."""
 
@@ -40,8 +45,7 @@ class Handle:
     @property
     def batch(self) -> int:
         """How many images (or texts) the request holds."""
-        inputs = self.inputs["input_ids"] if isinstance(self.inputs, dict) else self.inputs
-        return int(inputs.shape[0])
+        return input_batch(self.inputs)
 
     def done(self) -> bool:
         return self._event.is_set()

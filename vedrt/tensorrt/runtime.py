@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..gpu.device import device_pool, finish_step, step_tensors, to_device
+from ..gpu.device import finish_step, step_tensors, to_device
 from ..gpu.ops import TorchOps
 from ..manifest import Manifest
 from ..runtime.executor import Encoded, StepOutput
@@ -131,7 +131,7 @@ class TrtExecutor:
                 "positions); rebuild with vedrt build --max-batch/--max-beams/--max-new-tokens"
             )
         dims = (self.layers, self.m.num_heads, self.m.head_dim)
-        return device_pool(self.ops, dims, rows, slots, cache_len, enc_len, torch.float32)
+        return KVPool(self.ops, dims, rows, slots, cache_len, enc_len, torch.float32)
 
     def decode(
         self, pool: KVPool, rows: int, groups: int, want_attentions: bool = False
