@@ -80,9 +80,6 @@ class TorchOps:
     def min(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         return torch.min(x, dim=axis, keepdim=True)[0]
 
-    def sum(self, x: torch.Tensor, axis: int) -> torch.Tensor:
-        return x.sum(dim=axis)
-
     def any(self, x: torch.Tensor, axis: int | None = None) -> Any:
         return torch.any(x) if axis is None else torch.any(x, dim=axis, keepdim=True)
 

@@ -82,9 +82,6 @@ class NumpyOps:
     def min(self, x: np.ndarray, axis: int) -> np.ndarray:
         return x.min(axis=axis, keepdims=True)
 
-    def sum(self, x: np.ndarray, axis: int) -> np.ndarray:
-        return x.sum(axis=axis)
-
     def any(self, x: np.ndarray, axis: int | None = None) -> Any:
         return np.any(x) if axis is None else np.any(x, axis=axis, keepdims=True)
 
