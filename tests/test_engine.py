@@ -174,6 +174,48 @@ def test_requests_admitted_together_share_one_search(options):
 
 
 @pytest.mark.runtime
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"num_beams": 4}, {"num_beams": 3, "return_dict": True, "length_penalty": 0.7}],
+)
+def test_requests_arriving_at_different_steps_join_one_search(options):
+    """Equal options without processors: a request arriving while others run joins their
+    search at its own length, leaves it when done (its rows freed at once), and gets exactly its
+    solo result. A request of other options in between makes the joined cohort a middle one."""
+    generator = load(SCENES)
+    images = generator.preprocess(sorted(EXAMPLES.glob("*.png")) + sorted(EXAMPLES.glob("*.jpg")))
+    engine = generator.engine(max_rows=20)
+    plan = {0: [images[0:1]], 1: [images[1:2]], 2: [images[2:4]], 4: [images[4:5]]}
+    submitted, other, cancelled, rows_seen = [], None, None, []
+    for step in range(200):
+        for pv in plan.get(step, []):
+            submitted.append((pv, engine.submit(pv, **options)))
+        if step == 1:
+            other = engine.submit(images[5:6], num_beams=2, no_repeat_ngram_size=2)
+            cancelled = engine.submit(images[0:1], **options)
+        if step == 3:
+            assert engine.active_requests == 2  # one search per option set, not per request
+            assert cancelled.cancel()
+        engine.step()
+        rows_seen.append(engine.active_rows)
+        if step > 4 and engine.idle():
+            break
+    assert engine.idle()
+    assert len(set(rows_seen)) > 3, "rows should be freed as each request leaves"
+    for pv, handle in submitted:
+        solo, ours = generator.generate(pv, **options), handle.result()
+        if options.get("return_dict"):
+            np.testing.assert_array_equal(ours.beam_indices, solo.beam_indices)
+            np.testing.assert_allclose(ours.sequences_scores, solo.sequences_scores, atol=1e-6)
+            solo, ours = solo.sequences, ours.sequences
+        np.testing.assert_array_equal(ours, solo)
+    ngram = generator.generate(images[5:6], num_beams=2, no_repeat_ngram_size=2)
+    np.testing.assert_array_equal(other.result(), ngram)
+    with pytest.raises(EngineStopped):
+        cancelled.result()
+
+
+@pytest.mark.runtime
 def test_engine_limits_order_and_cancellation():
     generator = load(SCENES)
     images = generator.preprocess(sorted(EXAMPLES.glob("*.png"))[:3])

@@ -6,21 +6,54 @@ from typing import Any
 
 from .handle import Handle
 from .options import GenerationOptions
+from .search import mergeable
 
 
 class Active:
-    """Requests admitted to the pool together with the same options, stepped as one search (a
-    cohort: one batched search costs the host what one request does), with its rows and image
-    slots. Each member is answered as soon as its own images are done: the search decides that
-    per slice exactly as a search over that member alone would."""
+    """Requests with the same options stepped as one search (a cohort: one batched search costs
+    the host what one request does), with its rows and image slots. Requests admitted on the same
+    step share one; with `mergeable` options later ones join it too. Each member is answered as
+    soon as its own images are done (the search decides that per slice exactly as a search over
+    that member alone would) and its images and rows then leave while the others go on."""
 
     def __init__(self, members: list[tuple[Handle, slice]], search: Any, offset: int, slots: list):
         self.members = members
         self.search = search
         self.offset = offset
-        self.rows = search.rows
         self.slots = slots
         self.options = members[0][0].options
+        self.key = cohort_key(self.options)
+
+    @property
+    def rows(self) -> int:
+        return self.search.rows
+
+    def join(self, members: list[tuple[Handle, slice]], search: Any, slots: list) -> None:
+        """Take in a new search of the same options (its images after this one's)."""
+        base = self.search.batch
+        self.members += [(h, slice(s.start + base, s.stop + base)) for h, s in members]
+        self.search.join(search)
+        self.slots += slots
+
+    def drop(self, gone: list[Handle]) -> tuple[list[int], list[int]]:
+        """Remove these members' images from the search; returns the rows (relative to the
+        cohort) that stay, in order, and the image slots freed."""
+        per = self.search.rows_per_image
+        keep_rows, freed, members, shift = [], [], [], 0
+        for handle, images in self.members:
+            count = images.stop - images.start
+            if handle in gone:
+                freed += self.slots[images.start : images.stop]
+                shift += count
+                continue
+            keep_rows += range(images.start * per, images.stop * per)
+            members.append((handle, slice(images.start - shift, images.stop - shift)))
+        for handle, images in reversed(self.members):  # from the back: earlier slices hold
+            if handle in gone:
+                self.search.drop(images)
+        self.slots = [s for s in self.slots if s not in freed]
+        self.members = members
+        return keep_rows, freed
 
     @property
     def handles(self) -> list[Handle]:
@@ -36,3 +69,8 @@ def cohort_key(o: GenerationOptions) -> Any:
     if o.do_sample or o.output_scores or o.output_attentions:
         return object()  # a key equal to no other
     return o
+
+
+def can_join(a: Active, o: GenerationOptions) -> bool:
+    """May a request with options `o`, admitted now, join the running cohort `a`?"""
+    return a.key == cohort_key(o) and mergeable(o) and len(a.members) > 0

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .cohort import Active as _Active
+from .cohort import can_join as _can_join
 from .cohort import cohort_key as _cohort_key
 from .errors import InputError
 from .handle import EngineStopped, Handle, input_batch
@@ -148,6 +149,8 @@ class Engine:
                 finished += answered
                 if over:
                     done.append(a)
+                elif answered:  # the others go on: the answered ones' rows leave now
+                    self._shrink(a, answered)
             self._release(done)
             self.stats["step_seconds"] += time.perf_counter() - began
             return finished
@@ -155,10 +158,12 @@ class Engine:
     def _drop_cancelled(self) -> list[Handle]:
         dropped = []
         for a in self._active:
-            for handle, _ in a.open_members():
-                if handle.cancelled:
-                    handle._finish(error=EngineStopped("the request was cancelled"))
-                    dropped.append(handle)
+            cancelled = [h for h, _ in a.open_members() if h.cancelled]
+            for handle in cancelled:
+                handle._finish(error=EngineStopped("the request was cancelled"))
+            if cancelled and a.open_members():
+                self._shrink(a, cancelled)
+            dropped += cancelled
         self._release([a for a in self._active if not a.open_members()])
         return dropped
 
@@ -210,14 +215,28 @@ class Engine:
             for slot, (handle, i) in zip(slots, images, strict=True):
                 part, first = where[id(handle)]
                 self.pool.put_image(slot, encoded[part].cross, encoded[part].mask, first + i)
-            offset = self.active_rows
+            joined = next((a for a in self._active if _can_join(a, handles[0].options)), None)
+            offset = self._open_rows(joined, search.rows)
             end = offset + search.rows
             self.pool.input_ids[offset:end, 0] = search.first_tokens()
             self.pool.past_lengths[offset:end] = 0
-            self._active.append(_Active(members, search, offset, slots))
+            if joined is not None:  # one search for all of them: the host's cost of one
+                joined.join(members, search, slots)
+            else:
+                self._active.append(_Active(members, search, offset, slots))
             for handle in handles:
                 handle.admitted()
         self._groups = 0
+
+    def _open_rows(self, a: _Active | None, count: int) -> int:
+        """The first of `count` free rows right after cohort `a`'s (the later cohorts move up),
+        or after all rows when `a` is None."""
+        if a is None:
+            return self.active_rows
+        later = self._active[self._active.index(a) + 1 :]
+        for b in reversed(later):
+            self._move(b, b.offset + count)
+        return a.offset + a.rows
 
     def _encode(self, taken: list[Handle]) -> tuple[list[Any], dict[int, tuple[int, int]]]:
         """Encoder + cross K/V for what is admitted: images in one batch, texts one request at a
@@ -319,39 +338,45 @@ class Engine:
         ops = self.ops
         source = np.asarray(ops.to_numpy(source))
         target = np.flatnonzero(source != np.arange(a.rows))
-        if not len(target):
-            return
-        length = self._filled(a)
-        self.pool.copy_rows(
-            ops.asarray(source[target] + a.offset, ops.int64),
-            ops.asarray(target + a.offset, ops.int64),
-            length,
-        )
+        if len(target):
+            length = self.pool.filled(a.offset, a.rows)
+            self.pool.copy_rows(
+                ops.asarray(source[target] + a.offset, ops.int64),
+                ops.asarray(target + a.offset, ops.int64),
+                length,
+            )
 
-    def _filled(self, a: _Active) -> int:
-        """How many cache positions the request's rows hold (the same for all of them)."""
-        return int(self.ops.to_numpy(self.pool.past_lengths[a.offset : a.offset + 1])[0])
+    def _move(self, a: _Active, offset: int) -> None:
+        rows = np.arange(a.rows)
+        self.pool.move_rows(rows + a.offset, rows + offset, self.pool.filled(a.offset, a.rows))
+        a.offset = offset
+
+    def _shrink(self, a: _Active, gone: list[Handle]) -> None:
+        """Members `gone` leave cohort `a`: the rows that stay move to the front of its range,
+        their slots are freed; `_release` packs the cohorts after it."""
+        length = self.pool.filled(a.offset, a.rows)
+        keep, freed = a.drop(gone)
+        for slot in freed:
+            self._slot_used[slot] = False
+        if keep != list(range(len(keep))):
+            target = np.arange(len(keep)) + a.offset
+            self.pool.move_rows(np.asarray(keep) + a.offset, target, length)
+        self._groups = 0
 
     def _release(self, gone: list[_Active]) -> None:
-        """Free the rows and slots of finished requests; pack the rest to the front."""
-        if not gone:
-            return
+        """Free the rows and slots of finished cohorts; pack the rest to the front."""
         for a in gone:
             for slot in a.slots:
                 self._slot_used[slot] = False
-        keep = [a for a in self._active if a not in gone]
-        offset, pool = 0, self.pool
-        for a in keep:
+        self._active = [a for a in self._active if a not in gone]
+        offset = 0
+        for a in self._active:
             if a.offset != offset:
-                end = a.offset + a.rows
-                pool.move_rows(a.offset, a.rows, offset, self._filled(a))
-                ids, lengths = pool.input_ids[a.offset : end], pool.past_lengths[a.offset : end]
-                pool.input_ids[offset : offset + a.rows] = self.ops.copy(ids)
-                pool.past_lengths[offset : offset + a.rows] = self.ops.copy(lengths)
-                a.offset = offset
+                self._move(a, offset)
+                self._groups = 0
             offset += a.rows
-        self._active = keep
-        self._groups = 0
+        if gone:
+            self._groups = 0
 
     # -- background loop ------------------------------------------------------------------
     def start(self) -> Engine:

@@ -93,6 +93,15 @@ class KVPool:
         """cache rows `target` <- rows `source` (positions below `length`); may overlap."""
         self.cache[:, :, target, :, :length] = self.cache[:, :, source, :, :length]
 
-    def move_rows(self, start: int, count: int, to: int, length: int) -> None:
-        """Rows [start, start+count) to [to, to+count), positions below `length`."""
-        self.copy_rows(self.ops.arange(count) + start, self.ops.arange(count) + to, length)
+    def move_rows(self, source: Any, target: Any, length: int) -> None:
+        """Rows `source` to rows `target` (host index arrays; they may overlap) with their next
+        input ids and lengths: for rows that change place, not beams that change history."""
+        ops = self.ops
+        source, target = ops.asarray(source, ops.int64), ops.asarray(target, ops.int64)
+        self.copy_rows(source, target, length)
+        self.input_ids[target] = self.input_ids[source]
+        self.past_lengths[target] = self.past_lengths[source]
+
+    def filled(self, start: int, count: int) -> int:
+        """How many cache positions rows [start, start+count) hold (the most of any of them)."""
+        return int(self.ops.to_numpy(self.past_lengths[start : start + count]).max())

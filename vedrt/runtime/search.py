@@ -75,8 +75,59 @@ def rows_needed(o: GenerationOptions, batch: int) -> int:
     return batch * (o.num_beams if o.num_beams > 1 else o.num_return_sequences)
 
 
-class GreedySearch:
+def mergeable(o: GenerationOptions) -> bool:
+    """Can searches with these options, started at different steps, run as one? Only when no
+    processor, sampling or per-step output depends on a length or a stream of their own: then
+    each image's arithmetic is its solo run's, whatever length the others are at."""
+    return not (o.do_sample or o.output_scores or o.output_attentions or processors.build(o, None))
+
+
+class _Images:
+    """State kept per image (or per row) along axis 0, so searches of equal options can be
+    joined (`join`) and finished images dropped (`drop`) while the others go on.
+    `lengths` [batch] is each image's current length on the host (the step it is at)."""
+
+    _per_image: tuple[str, ...] = ()
+    _per_row: tuple[str, ...] = ()
+
+    def join(self, other) -> None:
+        """Append the images of `other`, a search of the same options."""
+        ops = self.ops
+        for name in self._per_image + self._per_row:
+            setattr(self, name, ops.concat([getattr(self, name), getattr(other, name)], axis=0))
+        self.lengths = np.concatenate([self.lengths, other.lengths])
+        self.batch += other.batch
+        self.rows += other.rows
+
+    def drop(self, images: slice) -> None:
+        """Forget `images` (a slice of this search's images): the others go on unchanged."""
+        start, stop, _ = images.indices(self.batch)
+        keep = np.r_[0:start, stop : self.batch]
+        per = self.rows_per_image
+        keep_rows = (keep[:, None] * per + np.arange(per)).reshape(-1)
+        index, row_index = self.ops.asarray(keep), self.ops.asarray(keep_rows)
+        for name in self._per_image:
+            setattr(self, name, getattr(self, name)[index])
+        for name in self._per_row:
+            setattr(self, name, getattr(self, name)[row_index])
+        self.lengths = self.lengths[keep]
+        self.batch = len(keep)
+        self.rows = len(keep_rows)
+
+    @property
+    def cur_len(self) -> int:
+        """The length of every image; searches that apply processors are never joined, so
+        theirs is one length."""
+        return int(self.lengths.max())
+
+    def _length_of(self, images: slice) -> int:
+        return int(self.lengths[images].max())
+
+
+class GreedySearch(_Images):
     """transformers' `_sample`: one row per image (times num_return_sequences when sampling)."""
+
+    _per_row = ("seqs", "unfinished")
 
     def __init__(self, ops, o: GenerationOptions, batch: int):
         self.ops, self.o = ops, o
@@ -89,7 +140,7 @@ class GreedySearch:
         self.seqs = ops.full((self.rows, o.max_length), self.pad, ops.int64)
         self.seqs[:, :PROMPT_LEN] = o.decoder_start_token_id
         self.unfinished = ops.full((self.rows,), True, ops.bool_)
-        self.cur_len = PROMPT_LEN
+        self.lengths = np.full(batch, PROMPT_LEN, np.int64)
         self.collect = _Collector(ops, o)
 
     def first_tokens(self):
@@ -116,36 +167,53 @@ class GreedySearch:
             tokens = ops.argmax(scores)
         if o.eos_token_id is not None:
             tokens = ops.where(self.unfinished, tokens, self.pad)
-        self.seqs[:, self.cur_len] = tokens
-        self.cur_len += 1
+        positions = ops.asarray(np.repeat(self.lengths, self.rows_per_image))
+        self.seqs[ops.arange(self.rows), positions] = tokens
+        self.lengths += 1
         if o.eos_token_id is not None:
             self.unfinished &= ~ops.isin(tokens, o.eos_token_id)
-        done = self.cur_len >= o.max_length or not bool(ops.any(self.unfinished))
-        return Advance(tokens, None, done)
+        return Advance(tokens, None, all(self.stopped([slice(None)])))
 
     def result(self, images: slice = slice(None)) -> GenerateOutput:
         """The output for all images, or for `images` alone: exactly what a search over just
         those images would have returned when `stopped(images)` first became true."""
         scores, attentions = self.collect.result()
         rows = self._rows(images)
-        sequences = self.ops.to_numpy(self.seqs[rows, : self.cur_len]).copy()
+        sequences = self.ops.to_numpy(self.seqs[rows, : self._length_of(images)]).copy()
         return GenerateOutput(sequences, None, scores, attentions)
 
     def stopped(self, members: list[slice]) -> list[bool]:
         """For each slice of the images: would a search over just those have stopped? (`step`'s
         test on their rows; one host copy for all of them)"""
-        if self.cur_len >= self.o.max_length:
-            return [True] * len(members)
+        over = self.lengths >= self.o.max_length
         unfinished = self.ops.to_numpy(self.unfinished)
-        return [not unfinished[self._rows(images)].any() for images in members]
+        return [
+            bool(over[images].all()) or not unfinished[self._rows(images)].any()
+            for images in members
+        ]
 
     def _rows(self, images: slice) -> slice:
         start, stop, _ = images.indices(self.batch)
         return slice(start * self.rows_per_image, stop * self.rows_per_image)
 
 
-class BeamSearch:
-    """transformers' `_beam_search` (and beam sampling with `do_sample`), `[batch, beams, ...]`."""
+class BeamSearch(_Images):
+    """transformers' `_beam_search` (and beam sampling with `do_sample`), `[batch, beams, ...]`.
+
+    Beam indices are kept relative to each image (0..beams-1), so images can be joined and
+    dropped; `result` numbers them as transformers does, from the slice's first image."""
+
+    _per_image = (
+        "running_sequences",
+        "running_scores",
+        "running_indices",
+        "sequences",
+        "scores",
+        "indices",
+        "finished",
+        "improvable",
+        "hits",
+    )
 
     def __init__(self, ops, o: GenerationOptions, batch: int):
         self.ops, self.o = ops, o
@@ -157,7 +225,7 @@ class BeamSearch:
         self.rng = np.random.default_rng(o.seed) if o.do_sample else None
         self.chain = processors.build(o, ops)
         self.collect = _Collector(ops, o)
-        self.cur_len = PROMPT_LEN
+        self.lengths = np.full(batch, PROMPT_LEN, np.int64)
         eos = o.eos_token_id
         fill = (
             (o.pad_token_id or eos[0]) if eos is not None else -1
@@ -175,7 +243,6 @@ class BeamSearch:
         self.hits = ops.zeros((batch, self.k), ops.bool_)  # top-K candidates that stop
         self.top_mask = ops.zeros((self.k,), ops.bool_)
         self.top_mask[:nb] = True
-        self.batch_offset = ops.arange(batch)[:, None] * nb
 
     def first_tokens(self):
         return self.running_sequences[:, :, PROMPT_LEN - 1].reshape(-1)
@@ -207,16 +274,33 @@ class BeamSearch:
             accumulated = log_probs.reshape(self.batch, nb, vocab) + self.running_scores[:, :, None]
             accumulated = accumulated.reshape(self.batch, nb * vocab)
             cand_scores, cand_seqs, cand_indices = self._top_k_continuations(accumulated, vocab)
-        self.hits = ops.isin(cand_seqs[:, :, cur_len], o.eos_token_id or ())
-        if cur_len + 1 >= o.max_length:
-            self.hits = ops.full(tuple(self.hits.shape), True, ops.bool_)
+        image, beam, at = self._at(cand_seqs.shape[1])
+        self.hits = ops.isin(cand_seqs[image, beam, at], o.eos_token_id or ())
+        last = self.lengths + 1 >= o.max_length
+        if last.any():  # the candidates of images at their last step all finish
+            self.hits = self.hits | ops.asarray(last)[:, None]
         self._next_running_beams(cand_scores, cand_seqs, cand_indices)
         self._update_finished(cand_scores, cand_seqs, cand_indices)
-        source = self.running_indices[:, :, cur_len - PROMPT_LEN].reshape(-1)
-        self.cur_len += 1
+        image, beam, at = self._at(nb)
+        source = self.running_indices[image, beam, at - PROMPT_LEN]
+        source = source + ops.asarray(np.arange(self.batch)[:, None] * nb, ops.int32)
+        tokens = self.running_sequences[image, beam, at].reshape(-1)
+        self.lengths += 1
         self.improvable = self._early_stop_unsatisfied()
-        tokens = self.running_sequences[:, :, self.cur_len - 1].reshape(-1)
-        return Advance(tokens, ops.astype(source, ops.int64), not self._has_unfinished())
+        done = not self._has_unfinished()
+        return Advance(tokens, ops.astype(source.reshape(-1), ops.int64), done)
+
+    def _at(self, width: int):
+        """Indices (image, beam, position) of each image's current position, for `width` beams
+        or candidates: images may be at different lengths once searches are joined."""
+        ops = self.ops
+        image = ops.arange(self.batch)[:, None]
+        return image, ops.arange(width)[None, :], ops.asarray(self.lengths)[:, None]
+
+    def _per_image_scalar(self, values: np.ndarray):
+        """[batch, 1] float32 of float64 host values: transformers divides by a Python float,
+        which torch rounds to float32 first; the same rounding per image."""
+        return self.ops.asarray(values.astype(np.float32)[:, None])
 
     def _top_k_continuations(self, accumulated, vocab: int):
         """The best (or sampled) k next tokens over all beams of each image."""
@@ -242,11 +326,12 @@ class BeamSearch:
 
     def _candidates(self, source, tokens):
         """Candidate sequences and beam indices: the source beam's, extended by `tokens`."""
-        ops, cur_len = self.ops, self.cur_len
+        ops = self.ops
         cand_indices = self._gather(self.running_indices, source)
         cand_seqs = self._gather(self.running_sequences, source)
-        cand_seqs[:, :, cur_len] = tokens
-        cand_indices[:, :, cur_len - PROMPT_LEN] = ops.astype(source + self.batch_offset, ops.int32)
+        image, beam, at = self._at(cand_seqs.shape[1])
+        cand_seqs[image, beam, at] = tokens
+        cand_indices[image, beam, at - PROMPT_LEN] = ops.astype(source, ops.int32)
         return cand_seqs, cand_indices
 
     def _next_running_beams(self, cand_scores, cand_seqs, cand_indices) -> None:
@@ -263,7 +348,8 @@ class BeamSearch:
         ops, o = self.ops, self.o
         big_neg = ops.scalar(BIG_NEG)
         just_finished = self.hits & self.top_mask[None, :]
-        penalised = cand_scores / ops.scalar((self.cur_len + 1 - PROMPT_LEN) ** o.length_penalty)
+        generated = (self.lengths + 1 - PROMPT_LEN).astype(np.float64)
+        penalised = cand_scores / self._per_image_scalar(generated**o.length_penalty)
         full = ops.all(self.finished, axis=-1) & (o.early_stopping is True)
         penalised = penalised + ops.astype(full, ops.float32) * big_neg
         penalised = penalised + ops.astype(~self.improvable, ops.float32) * big_neg
@@ -280,10 +366,12 @@ class BeamSearch:
         """transformers' `_check_early_stop_heuristic`."""
         ops, o = self.ops, self.o
         if o.early_stopping == "never" and o.length_penalty > 0.0:
-            best_len = o.max_length - PROMPT_LEN
+            best_len = np.full(self.batch, o.max_length - PROMPT_LEN, np.float64)
         else:
-            best_len = self.cur_len - PROMPT_LEN
-        best_running = self.running_scores[:, :1] / ops.scalar(best_len**o.length_penalty)
+            best_len = (self.lengths - PROMPT_LEN).astype(np.float64)
+        best_running = self.running_scores[:, :1] / self._per_image_scalar(
+            best_len**o.length_penalty
+        )
         worst = ops.where(self.finished, ops.min(self.scores, axis=1), ops.scalar(BIG_NEG))
         return self.improvable & ops.any(best_running > worst, axis=-1)
 
@@ -319,10 +407,10 @@ class BeamSearch:
         count = len(range(*images.indices(self.batch)))
         sequences = ops.to_numpy(self.sequences[images, :n]).reshape(count * n, -1)
         seq_scores = ops.to_numpy(self.scores[images, :n]).reshape(count * n)
-        indices = ops.to_numpy(self.indices[images, :n]).reshape(count * n, -1)
-        first = images.indices(self.batch)[0]
-        if first:  # rows are numbered from the slice's first image, as its own search would
-            indices = np.where(indices != -1, indices - first * self.o.num_beams, -1)
+        indices = ops.to_numpy(self.indices[images, :n]).astype(np.int64)
+        # rows numbered from the slice's first image, as its own search would number them
+        offset = np.arange(count)[:, None, None] * self.o.num_beams
+        indices = np.where(indices != -1, indices + offset, -1).reshape(count * n, -1)
         generated = int((indices != -1).sum(axis=1).max())
         scores, attentions = self.collect.result()
         return GenerateOutput(
