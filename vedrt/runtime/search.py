@@ -348,6 +348,10 @@ class BeamSearch(_Images):
         ops, o = self.ops, self.o
         big_neg = ops.scalar(BIG_NEG)
         just_finished = self.hits & self.top_mask[None, :]
+        if not bool(ops.any(just_finished)):
+            # every candidate would enter at <= -1e9 and lose to the kept entries (sorted, ties
+            # to the lower index), so the merge below would change nothing: skip its gathers
+            return
         generated = (self.lengths + 1 - PROMPT_LEN).astype(np.float64)
         penalised = cand_scores / self._per_image_scalar(generated**o.length_penalty)
         full = ops.all(self.finished, axis=-1) & (o.early_stopping is True)
