@@ -42,6 +42,7 @@ def serve_process(args: argparse.Namespace) -> int:
         max_rows=args.max_rows,
         admit_every=args.admit_ms / 1000,
         threads=args.threads,
+        encode_ahead=args.encode_ahead,
         max_queue=256,
         request_timeout=600,
     )
@@ -176,6 +177,7 @@ def start_server(args: argparse.Namespace, mode: str, port: int) -> subprocess.P
         str(args.window_ms),
         "--admit-ms",
         str(args.admit_ms),
+        "--encode-ahead" if args.encode_ahead else "--no-encode-ahead",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     process = subprocess.Popen(command, cwd=REPO, env=env)
@@ -284,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-ms", type=float, default=5.0, help="dynamic batcher's window")
     parser.add_argument(
         "--admit-ms", type=float, default=0.0, help="engine: ms between admissions (vedrt serve)"
+    )
+    parser.add_argument(
+        "--encode-ahead",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continuous: the engine encodes on a second thread (vedrt serve's default)",
     )
     parser.add_argument(
         "--tokens-only",

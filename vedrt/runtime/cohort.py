@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .handle import Handle
 from .options import GenerationOptions
 from .search import mergeable
@@ -39,21 +41,18 @@ class Active:
         """Remove these members' images from the search; returns the rows (relative to the
         cohort) that stay, in order, and the image slots freed."""
         per = self.search.rows_per_image
-        keep_rows, freed, members, shift = [], [], [], 0
+        kept, keep_slots, freed, members = [], [], [], []
         for handle, images in self.members:
-            count = images.stop - images.start
             if handle in gone:
                 freed += self.slots[images.start : images.stop]
-                shift += count
                 continue
-            keep_rows += range(images.start * per, images.stop * per)
-            members.append((handle, slice(images.start - shift, images.stop - shift)))
-        for handle, images in reversed(self.members):  # from the back: earlier slices hold
-            if handle in gone:
-                self.search.drop(images)
-        self.slots = [s for s in self.slots if s not in freed]
-        self.members = members
-        return keep_rows, freed
+            start = len(kept)
+            kept += range(images.start, images.stop)
+            keep_slots += self.slots[images.start : images.stop]
+            members.append((handle, slice(start, len(kept))))
+        self.search.keep(np.asarray(kept, dtype=np.int64))
+        self.slots, self.members = keep_slots, members
+        return [i * per + j for i in kept for j in range(per)], freed
 
     @property
     def handles(self) -> list[Handle]:

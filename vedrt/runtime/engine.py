@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .ahead import EncodeAhead
 from .cohort import Active as _Active
 from .cohort import can_join as _can_join
 from .cohort import cohort_key as _cohort_key
@@ -43,13 +44,18 @@ class Engine:
         max_rows: int = 32,
         cache_len: int | None = None,
         admit_every: float = 0.0,
+        encode_ahead: bool = False,
     ):
         """admit_every: seconds between admissions while requests are running (0: every step).
         Requests arriving within one such window are admitted together, and those with equal
-        options share one search: fewer searches per step, at the cost of up to that wait."""
+        options share one search: fewer searches per step, at the cost of up to that wait.
+        encode_ahead: with `start()`, encode waiting requests on a second thread while the
+        decoder steps (`ahead.py`), instead of inside the step that admits them."""
         if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
             raise InputError(f"max_rows must be a positive integer, got {max_rows!r}")
         self.admit_every = float(admit_every)
+        self.encode_ahead = bool(encode_ahead)
+        self._ahead: EncodeAhead | None = None
         self._last_admission = 0.0
         self.gen = generator
         self.executor = generator.executor
@@ -178,16 +184,27 @@ class Engine:
         with self._lock:
             while self._waiting:
                 head = self._waiting[0]
-                if head.cancelled:
-                    self._waiting.popleft()._finish(
-                        error=EngineStopped("the request was cancelled")
-                    )
+                if head.cancelled or head.done():  # cancelled, or failed to encode
+                    self._left_queue([self._waiting.popleft()])
+                    head._finish(error=EngineStopped("the request was cancelled"))
                     continue
-                if head.rows > free:
+                if head.rows > free or (self._ahead is not None and head.encoded is None):
                     break
                 taken.append(self._waiting.popleft())
                 free -= head.rows
+            self._left_queue(taken)
         return taken
+
+    def _left_queue(self, handles: list[Handle]) -> None:
+        if self._ahead is not None:
+            self._ahead.admitted(handles)
+
+    def _head_ready(self) -> bool:
+        """Is there a waiting request `step()` could act on (under the lock)?"""
+        if not self._waiting:
+            return False
+        head = self._waiting[0]
+        return self._ahead is None or head.encoded is not None or head.done() or head.cancelled
 
     def _admit(self) -> None:
         taken = self._take_admissible()
@@ -195,7 +212,12 @@ class Engine:
             return
         ops = self.ops
         try:
-            encoded, where = self._encode(taken)
+            if taken[0].encoded is not None:  # encoded ahead: one part per encoder round
+                parts = {id(h.encoded[0]): h.encoded[0] for h in taken}
+                encoded, index = list(parts.values()), list(parts)
+                where = {id(h): (index.index(id(h.encoded[0])), h.encoded[1]) for h in taken}
+            else:
+                encoded, where = self._encode(taken)
             self._ensure_pool(taken, max(e.enc_len for e in encoded))
         except Exception as exc:  # these requests could not be encoded or given room
             for h in taken:
@@ -226,6 +248,7 @@ class Engine:
                 self._active.append(_Active(members, search, offset, slots))
             for handle in handles:
                 handle.admitted()
+                handle.encoded = None  # the slots hold its K/V now
         self._groups = 0
 
     def _open_rows(self, a: _Active | None, count: int) -> int:
@@ -358,9 +381,10 @@ class Engine:
         keep, freed = a.drop(gone)
         for slot in freed:
             self._slot_used[slot] = False
-        if keep != list(range(len(keep))):
-            target = np.arange(len(keep)) + a.offset
-            self.pool.move_rows(np.asarray(keep) + a.offset, target, length)
+        moved = np.flatnonzero(np.asarray(keep, dtype=np.int64) != np.arange(len(keep)))
+        if len(moved):  # only the rows after the first one gone change place
+            source = np.asarray(keep, dtype=np.int64)[moved]
+            self.pool.move_rows(source + a.offset, moved + a.offset, length)
         self._groups = 0
 
     def _release(self, gone: list[_Active]) -> None:
@@ -382,6 +406,8 @@ class Engine:
     def start(self) -> Engine:
         """Run `step()` on a background thread until `stop()`; returns the engine."""
         with self._lock:
+            if self.encode_ahead and self._ahead is None:
+                self._ahead = EncodeAhead(self, limit=self.max_rows)
             if self._thread is None:
                 self._stopping = False
                 self._thread = threading.Thread(target=self._loop, name="vedrt-engine", daemon=True)
@@ -391,7 +417,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._active and not self._stopping:
+                while not self._head_ready() and not self._active and not self._stopping:
                     self._wake.wait(0.5)
                 if self._stopping and (not self._drain or (not self._waiting and not self._active)):
                     break
@@ -399,6 +425,9 @@ class Engine:
         self._abandon()
 
     def _abandon(self) -> None:
+        if self._ahead is not None:
+            self._ahead.stop()
+            self._ahead = None
         with self._lock:
             left = list(self._waiting)
             self._waiting.clear()

@@ -58,10 +58,12 @@ class Generator:
             engine.step()
         return handle.result()
 
-    def engine(self, max_rows: int = 32, admit_every: float = 0.0) -> Engine:
+    def engine(
+        self, max_rows: int = 32, admit_every: float = 0.0, encode_ahead: bool = False
+    ) -> Engine:
         """An engine over this generator: requests stepped together at every decoder step
         (continuous batching); see `vedrt.runtime.engine`."""
-        return Engine(self, max_rows=max_rows, admit_every=admit_every)
+        return Engine(self, max_rows, admit_every=admit_every, encode_ahead=encode_ahead)
 
     def check_inputs(self, inputs: Any, attention_mask: Any = None) -> Any:
         """Pixel values for an image model; {"input_ids", "attention_mask"} for a text model."""

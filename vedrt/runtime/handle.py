@@ -28,10 +28,12 @@ class Handle:
         self.inputs = inputs  # pixel values [n, C, H, W], or {"input_ids", "attention_mask"}
         self.options = options  # the resolved GenerationOptions
         self.rows = rows
+        self.batch = input_batch(inputs)  # how many images (or texts) the request holds
         self.submitted_at = time.monotonic()
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.cancelled = False
+        self.encoded: Any = None  # (Encoded, first index) once encoded ahead of admission
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[Handle], Any]] = []
@@ -41,11 +43,6 @@ class Handle:
     @property
     def pixel_values(self) -> Any:
         return self.inputs
-
-    @property
-    def batch(self) -> int:
-        """How many images (or texts) the request holds."""
-        return input_batch(self.inputs)
 
     def done(self) -> bool:
         return self._event.is_set()

@@ -99,20 +99,19 @@ class _Images:
         self.batch += other.batch
         self.rows += other.rows
 
-    def drop(self, images: slice) -> None:
-        """Forget `images` (a slice of this search's images): the others go on unchanged."""
-        start, stop, _ = images.indices(self.batch)
-        keep = np.r_[0:start, stop : self.batch]
+    def keep(self, images: np.ndarray) -> None:
+        """Keep only `images` (host indices, in order) and forget the others, which finished:
+        the kept ones go on unchanged."""
         per = self.rows_per_image
-        keep_rows = (keep[:, None] * per + np.arange(per)).reshape(-1)
-        index, row_index = self.ops.asarray(keep), self.ops.asarray(keep_rows)
+        rows = (images[:, None] * per + np.arange(per)).reshape(-1)
+        index, row_index = self.ops.asarray(images), self.ops.asarray(rows)
         for name in self._per_image:
             setattr(self, name, getattr(self, name)[index])
         for name in self._per_row:
             setattr(self, name, getattr(self, name)[row_index])
-        self.lengths = self.lengths[keep]
-        self.batch = len(keep)
-        self.rows = len(keep_rows)
+        self.lengths = self.lengths[images]
+        self.batch = len(images)
+        self.rows = len(rows)
 
     @property
     def cur_len(self) -> int:

@@ -41,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="ONNX Runtime threads of the engine (default 1: measured best on 2 cores, see README)",
     )
+    parser.add_argument(
+        "--encode-ahead",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="encode waiting requests on a second thread while the decoder steps (default: on; "
+        "measured 1.5-1.7x the images/s on 2 cores, see README)",
+    )
     parser.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment")
     parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
 
@@ -64,6 +71,7 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         max_body_mb=args.max_body_mb,
         request_timeout=args.request_timeout,
         threads=args.threads,
+        encode_ahead=args.encode_ahead,
     )
 
 

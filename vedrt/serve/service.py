@@ -37,6 +37,7 @@ class ServeOptions:
     max_body_mb: float = 32.0
     request_timeout: float = 60.0  # seconds from arrival to answer; past it, 504
     threads: int = 1  # ONNX Runtime intra-op threads of the engine (measured: see README)
+    encode_ahead: bool = True  # encoder on its own thread while the decoder steps (README)
     decode_threads: int = 1  # image decoding pool
     max_pixels: int = images.DEFAULT_MAX_PIXELS
     start_engine: bool = True  # tests hold the engine to fill the queue deterministically
@@ -73,7 +74,7 @@ class Service:
             _ = self.generator.processor  # load once, not on a decoding thread
         self.has_tokenizer = _loads_tokenizer(self.generator)
         self.engine = engine or self.generator.engine(
-            max_rows=options.max_rows, admit_every=options.admit_every
+            options.max_rows, admit_every=options.admit_every, encode_ahead=options.encode_ahead
         )
         self.pool = ThreadPoolExecutor(options.decode_threads, thread_name_prefix="vedrt-decode")
         self.metrics = Metrics(self)

@@ -1,0 +1,76 @@
+"""Encoding ahead: the encoder and cross K/V of waiting requests on a thread of their own.
+
+With the engine's background loop, admission would otherwise run the encoder inside a step,
+and every active row would wait for it. Requests also arrive one by one, so each admission
+would encode one or two images, the encoder's least efficient batch. Here a second thread
+encodes whatever has queued while the decoder steps (ONNX Runtime releases the GIL while it
+runs), in one batch per round, so arrivals batch themselves without a timer. The engine then
+admits requests already encoded, still first in, first out.
+
+Encoded requests waiting for rows hold their cross K/V in memory, so at most `limit` images are
+encoded ahead of admission.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .handle import Handle
+
+
+class EncodeAhead:
+    """The encoder stage of an engine; `Handle.encoded` is set to (Encoded, first index)."""
+
+    def __init__(self, engine: Any, limit: int):
+        self.engine = engine
+        self.limit = limit
+        self.encoded_images = 0  # encoded, not yet admitted (under the engine's lock)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="vedrt-encoder", daemon=True)
+        self._thread.start()
+
+    def _pending(self) -> list[Handle]:
+        """Waiting requests to encode now, first in first out, within the budget."""
+        room, chosen = self.limit - self.encoded_images, []
+        for handle in self.engine._waiting:
+            if handle.encoded is not None or handle.done() or handle.cancelled:
+                continue
+            if handle.batch > room and (chosen or self.encoded_images):
+                break
+            chosen.append(handle)
+            room -= handle.batch
+        return chosen
+
+    def _loop(self) -> None:
+        wake = self.engine._wake
+        while True:
+            with wake:
+                while not self._stopping and not (chosen := self._pending()):
+                    wake.wait(0.5)
+                if self._stopping:
+                    return
+            try:
+                encoded, where = self.engine._encode(chosen)
+            except Exception as exc:  # these requests fail; the others are unaffected
+                for handle in chosen:
+                    handle._finish(error=exc)
+                encoded = None
+            with wake:
+                if encoded is not None:
+                    for handle in chosen:
+                        part, first = where[id(handle)]
+                        handle.encoded = (encoded[part], first)
+                    self.encoded_images += sum(h.batch for h in chosen)
+                wake.notify_all()
+
+    def admitted(self, handles: list[Handle]) -> None:
+        """These left the queue (admitted, failed or cancelled): their budget is free again."""
+        self.encoded_images -= sum(h.batch for h in handles if h.encoded is not None)
+
+    def stop(self) -> None:
+        with self.engine._wake:
+            self._stopping = True
+            self.engine._wake.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
