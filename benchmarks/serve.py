@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -144,12 +145,21 @@ def load_point(port: int, concurrency: int, total: int, requests: list) -> dict[
         return time.perf_counter() - start
 
     elapsed = asyncio.run(run())
+    return {"latencies": latencies, "wrong": len(wrong), "images_per_s": len(latencies) / elapsed}
+
+
+def summarise(mode: str, concurrency: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repetitions of one point: the median images/s, percentiles over all their latencies."""
+    latencies = [x for run in runs for x in run["latencies"]]
     ms = np.percentile(np.array(latencies) * 1000, [50, 90, 99])
     return {
+        "mode": mode,
         "concurrency": concurrency,
+        "repetitions": len(runs),
         "requests": len(latencies),
-        "wrong": len(wrong),
-        "images_per_s": len(latencies) / elapsed,
+        "wrong": sum(run["wrong"] for run in runs),
+        "images_per_s": statistics.median(run["images_per_s"] for run in runs),
+        "images_per_s_runs": [round(run["images_per_s"], 1) for run in runs],
         "p50_ms": ms[0],
         "p90_ms": ms[1],
         "p99_ms": ms[2],
@@ -201,19 +211,26 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     expected = expected_answers(args, images)
     model = Path(args.model).resolve().name
     requests = [(_request(p, args.options, args.tokens_only, model), expected[p]) for p in images]
-    points = []
-    for mode in args.modes:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        process = start_server(args, mode, port)
-        try:
+    points, servers = [], {}
+    try:  # every mode's server up at once, idle while another is measured
+        for mode in args.modes:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            servers[mode] = (start_server(args, mode, port), port)
             load_point(port, 2, 8, requests)  # warm-up
-            for concurrency in args.concurrency:
-                point = {"mode": mode, **load_point(port, concurrency, args.requests, requests)}
+        for concurrency in args.concurrency:
+            runs: dict[str, list] = {mode: [] for mode in args.modes}
+            for _ in range(args.repeat):  # interleaved: drift in the machine hits every mode
+                for mode in args.modes:
+                    run = load_point(servers[mode][1], concurrency, args.requests, requests)
+                    runs[mode].append(run)
+            for mode in args.modes:
+                point = summarise(mode, concurrency, runs[mode])
                 print(json.dumps(point), flush=True)
                 points.append(point)
-        finally:
+    finally:
+        for process, _ in servers.values():
             process.terminate()
             process.wait(60)
     return {
@@ -222,6 +239,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "max_rows": args.max_rows,
         "window_ms": args.window_ms,
+        "encode_ahead": args.encode_ahead,
+        "repeat": args.repeat,
         "points": points,
         "machine": {"cpus": os.cpu_count(), "note": "shared 2-core machine; timings noisy"},
     }
@@ -233,6 +252,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"# vedrt serve under load: `{Path(report['model']).name}`, options "
         f"`{json.dumps(report['options'])}`, {report['threads']} engine thread(s), "
         f"max_rows {report['max_rows']}, dynamic window {report['window_ms']} ms",
+        "",
+        f"Each point: {report.get('repeat', 1)} runs, the modes interleaved; images/s is the "
+        "median run, latency percentiles are over all runs' requests. continuous encodes ahead: "
+        f"{report.get('encode_ahead', False)}.",
         "",
         *([report["note"], ""] if report.get("note") else []),
         "| concurrency | mode | images/s | p50 ms | p90 ms | p99 ms | wrong |",
@@ -281,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         "--requests", type=int, default=96, help="requests per point (at least 2 per client)"
     )
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per point, the modes interleaved (median)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="engine ONNX Runtime threads")
     parser.add_argument("--max-rows", type=int, default=32)
     parser.add_argument("--window-ms", type=float, default=5.0, help="dynamic batcher's window")

@@ -25,14 +25,20 @@ class EncodeAhead:
     def __init__(self, engine: Any, limit: int):
         self.engine = engine
         self.limit = limit
+        # most images per encoder run: a request arriving during a run waits for it, so
+        # smaller runs cut the tail; on the scene model, closed loop at 16 clients, 8 gave
+        # 318 img/s and p99 92 ms, 32 gave 317 and 105 ms, 4 gave 277 and 82 ms
+        self.round_images = min(limit, 8)
         self.encoded_images = 0  # encoded, not yet admitted (under the engine's lock)
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="vedrt-encoder", daemon=True)
         self._thread.start()
 
     def _pending(self) -> list[Handle]:
-        """Waiting requests to encode now, first in first out, within the budget."""
-        room, chosen = self.limit - self.encoded_images, []
+        """Waiting requests to encode now, first in first out, within the budget. While the
+        rows are full and enough is encoded to fill the ones that free up, wait for a whole
+        round: one image at a time costs the encoder nearly twice as much per image."""
+        room, chosen = min(self.limit - self.encoded_images, self.round_images), []
         for handle in self.engine._waiting:
             if handle.encoded is not None or handle.done() or handle.cancelled:
                 continue
@@ -40,6 +46,10 @@ class EncodeAhead:
                 break
             chosen.append(handle)
             room -= handle.batch
+        ready = sum(h.rows for h in self.engine._waiting if h.encoded is not None)
+        starving = ready < self.engine.max_rows - self.engine.active_rows
+        if chosen and not starving and sum(h.batch for h in chosen) < self.round_images:
+            return []
         return chosen
 
     def _loop(self) -> None:

@@ -15,7 +15,6 @@ engine with one request, so the parity tests against transformers test it.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
@@ -29,7 +28,8 @@ from .cohort import can_join as _can_join
 from .cohort import cohort_key as _cohort_key
 from .errors import InputError
 from .handle import EngineStopped, Handle, input_batch
-from .options import PROMPT_LEN, GenerationOptions
+from .options import GenerationOptions
+from .rows import Rows
 from .search import new_search, rows_needed
 
 __all__ = ["Engine", "EngineStopped", "Handle"]
@@ -61,11 +61,7 @@ class Engine:
         self.executor = generator.executor
         self.ops = self.executor.ops
         self.max_rows = max_rows
-        self._cache_len = cache_len
-        self.pool: Any = None
-        self._active: list[_Active] = []
-        self._slot_used: list[bool] = []
-        self._groups = 0  # group layout of the active rows (0: to be rebuilt)
+        self._rows = Rows(self.executor, max_rows, cache_len)
         self._waiting: deque[Handle] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -119,8 +115,16 @@ class Engine:
             return len(self._waiting)
 
     @property
+    def pool(self) -> Any:
+        return self._rows.pool
+
+    @property
+    def _active(self) -> list[_Active]:
+        return self._rows.active
+
+    @property
     def active_rows(self) -> int:
-        return sum(a.rows for a in self._active)
+        return self._rows.used
 
     @property
     def active_requests(self) -> int:
@@ -147,7 +151,7 @@ class Engine:
                     for handle, _ in a.open_members():
                         handle._finish(error=exc)
                         finished.append(handle)
-                self._release([*self._active])
+                self._rows.release([*self._active])
                 return finished
             done = []
             for a in self._active:
@@ -156,8 +160,11 @@ class Engine:
                 if over:
                     done.append(a)
                 elif answered:  # the others go on: the answered ones' rows leave now
-                    self._shrink(a, answered)
-            self._release(done)
+                    self._rows.shrink(a, answered)
+            self._rows.release(done)
+            if finished and self._ahead is not None:  # rows freed: the encoder may be needed
+                with self._wake:
+                    self._wake.notify_all()
             self.stats["step_seconds"] += time.perf_counter() - began
             return finished
 
@@ -168,9 +175,9 @@ class Engine:
             for handle in cancelled:
                 handle._finish(error=EngineStopped("the request was cancelled"))
             if cancelled and a.open_members():
-                self._shrink(a, cancelled)
+                self._rows.shrink(a, cancelled)
             dropped += cancelled
-        self._release([a for a in self._active if not a.open_members()])
+        self._rows.release([a for a in self._active if not a.open_members()])
         return dropped
 
     def _take_admissible(self) -> list[Handle]:
@@ -210,7 +217,6 @@ class Engine:
         taken = self._take_admissible()
         if not taken:
             return
-        ops = self.ops
         try:
             if taken[0].encoded is not None:  # encoded ahead: one part per encoder round
                 parts = {id(h.encoded[0]): h.encoded[0] for h in taken}
@@ -218,7 +224,7 @@ class Engine:
                 where = {id(h): (index.index(id(h.encoded[0])), h.encoded[1]) for h in taken}
             else:
                 encoded, where = self._encode(taken)
-            self._ensure_pool(taken, max(e.enc_len for e in encoded))
+            self._rows.ensure(taken, max(e.enc_len for e in encoded))
         except Exception as exc:  # these requests could not be encoded or given room
             for h in taken:
                 h._finish(error=exc)
@@ -231,35 +237,17 @@ class Engine:
             for handle in handles:
                 members.append((handle, slice(batch, batch + handle.batch)))
                 batch += handle.batch
-            search = new_search(ops, handles[0].options, batch)
-            slots = self._claim_slots(batch)
+            search = new_search(self.ops, handles[0].options, batch)
+            slots = self._rows.claim_slots(batch)
             images = [(h, i) for h in handles for i in range(h.batch)]
             for slot, (handle, i) in zip(slots, images, strict=True):
                 part, first = where[id(handle)]
                 self.pool.put_image(slot, encoded[part].cross, encoded[part].mask, first + i)
             joined = next((a for a in self._active if _can_join(a, handles[0].options)), None)
-            offset = self._open_rows(joined, search.rows)
-            end = offset + search.rows
-            self.pool.input_ids[offset:end, 0] = search.first_tokens()
-            self.pool.past_lengths[offset:end] = 0
-            if joined is not None:  # one search for all of them: the host's cost of one
-                joined.join(members, search, slots)
-            else:
-                self._active.append(_Active(members, search, offset, slots))
+            self._rows.place(members, search, slots, joined)
             for handle in handles:
                 handle.admitted()
                 handle.encoded = None  # the slots hold its K/V now
-        self._groups = 0
-
-    def _open_rows(self, a: _Active | None, count: int) -> int:
-        """The first of `count` free rows right after cohort `a`'s (the later cohorts move up),
-        or after all rows when `a` is None."""
-        if a is None:
-            return self.active_rows
-        later = self._active[self._active.index(a) + 1 :]
-        for b in reversed(later):
-            self._move(b, b.offset + count)
-        return a.offset + a.rows
 
     def _encode(self, taken: list[Handle]) -> tuple[list[Any], dict[int, tuple[int, int]]]:
         """Encoder + cross K/V for what is admitted: images in one batch, texts one request at a
@@ -277,45 +265,12 @@ class Engine:
             index += h.batch
         return [self.executor.encode(pixels)], where
 
-    def _ensure_pool(self, taken: list[Handle], enc_len: int) -> None:
-        lengths = [a.options.max_length for a in self._active]
-        lengths += [h.options.max_length for h in taken]
-        cache_len = max(lengths) - PROMPT_LEN
-        if self._cache_len is not None:
-            cache_len = max(cache_len, self._cache_len)
-        slots = sum(self._slot_used) + sum(h.batch for h in taken)
-        if self.pool is None:
-            self.pool = self.executor.new_pool(self.max_rows, slots, cache_len, enc_len)
-        else:
-            self.pool.ensure(cache_len, slots, enc_len, self.active_rows)
-        self._slot_used += [False] * (self.pool.slots - len(self._slot_used))
-
-    def _claim_slots(self, count: int) -> list[int]:
-        slots = [i for i, used in enumerate(self._slot_used) if not used][:count]
-        for i in slots:
-            self._slot_used[i] = True
-        return slots
-
-    def _layout_groups(self) -> int:
-        """Rows in equal groups, each reading one image slot: as large as every request allows
-        (all beam-4 requests: groups of 4 rows, each image's K/V read once per step)."""
-        size = 0
-        for a in self._active:
-            size = math.gcd(size, a.search.rows_per_image)
-        slots = []
-        for a in self._active:
-            for slot in a.slots:
-                slots += [slot] * (a.search.rows_per_image // size)
-        self.pool.group_slots[: len(slots)] = self.ops.asarray(slots, self.ops.int64)
-        return len(slots)
-
     def _decode(self) -> Any:
-        if not self._groups:
-            self._groups = self._layout_groups()
+        groups = self._rows.layout_groups()
         rows = self.active_rows
         want = any(a.search.collect.want_attentions for a in self._active)
         began = time.perf_counter()
-        out = self.executor.decode(self.pool, rows, self._groups, want)
+        out = self.executor.decode(self.pool, rows, groups, want)
         self.stats["decode_seconds"] += time.perf_counter() - began
         self.stats["steps"] += 1
         self.stats["row_steps"] += rows
@@ -352,55 +307,9 @@ class Engine:
         if advance.done or not a.open_members():
             return answered, True
         if advance.source_rows is not None:
-            self._reorder(a, advance.source_rows)
+            self._rows.reorder(a, advance.source_rows)
         pool.input_ids[start:end, 0] = advance.tokens
         return answered, False
-
-    def _reorder(self, a: _Active, source: Any) -> None:
-        """Beam search moved rows: copy only the rows that changed, within the request's range."""
-        ops = self.ops
-        source = np.asarray(ops.to_numpy(source))
-        target = np.flatnonzero(source != np.arange(a.rows))
-        if len(target):
-            length = self.pool.filled(a.offset, a.rows)
-            self.pool.copy_rows(
-                ops.asarray(source[target] + a.offset, ops.int64),
-                ops.asarray(target + a.offset, ops.int64),
-                length,
-            )
-
-    def _move(self, a: _Active, offset: int) -> None:
-        rows = np.arange(a.rows)
-        self.pool.move_rows(rows + a.offset, rows + offset, self.pool.filled(a.offset, a.rows))
-        a.offset = offset
-
-    def _shrink(self, a: _Active, gone: list[Handle]) -> None:
-        """Members `gone` leave cohort `a`: the rows that stay move to the front of its range,
-        their slots are freed; `_release` packs the cohorts after it."""
-        length = self.pool.filled(a.offset, a.rows)
-        keep, freed = a.drop(gone)
-        for slot in freed:
-            self._slot_used[slot] = False
-        moved = np.flatnonzero(np.asarray(keep, dtype=np.int64) != np.arange(len(keep)))
-        if len(moved):  # only the rows after the first one gone change place
-            source = np.asarray(keep, dtype=np.int64)[moved]
-            self.pool.move_rows(source + a.offset, moved + a.offset, length)
-        self._groups = 0
-
-    def _release(self, gone: list[_Active]) -> None:
-        """Free the rows and slots of finished cohorts; pack the rest to the front."""
-        for a in gone:
-            for slot in a.slots:
-                self._slot_used[slot] = False
-        self._active = [a for a in self._active if a not in gone]
-        offset = 0
-        for a in self._active:
-            if a.offset != offset:
-                self._move(a, offset)
-                self._groups = 0
-            offset += a.rows
-        if gone:
-            self._groups = 0
 
     # -- background loop ------------------------------------------------------------------
     def start(self) -> Engine:
@@ -433,7 +342,7 @@ class Engine:
             self._waiting.clear()
         with self._step_lock:
             left += [h for a in self._active for h, _ in a.open_members()]
-            self._release([*self._active])
+            self._rows.release([*self._active])
         for handle in left:
             handle._finish(error=EngineStopped("the engine stopped before this request finished"))
 
