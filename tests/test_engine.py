@@ -271,6 +271,39 @@ def test_background_loop_threads_and_stop():
 
 
 @pytest.mark.runtime
+def test_encoding_ahead_on_a_second_thread():
+    """The background loop with the encoder on its own thread: concurrent requests get their
+    solo results; a request whose encoding fails gets the error alone, even when it was in one
+    encoder batch with others."""
+    generator = load(SCENES)
+    images = generator.preprocess(sorted(EXAMPLES.glob("*.png")) + sorted(EXAMPLES.glob("*.jpg")))
+    bad = np.full_like(images[:1], 0.5)
+    encode = generator.executor.encode
+
+    def failing(pixels):
+        if any(np.all(p == 0.5) for p in pixels):
+            raise RuntimeError("this image breaks the encoder")
+        return encode(pixels)
+
+    generator.executor.encode = failing
+    plans = [(images[i % len(images)][None], {"num_beams": 1 + i % 3}) for i in range(12)]
+    solo = [generator.generate(pv, **options) for pv, options in plans]
+    engine = generator.engine(max_rows=8, encode_ahead=True)
+    handles = [engine.submit(pv, **options) for pv, options in plans[:6]]
+    broken = engine.submit(bad)
+    handles += [engine.submit(pv, **options) for pv, options in plans[6:]]
+    engine.start()
+    try:
+        for handle, expected in zip(handles, solo, strict=True):
+            np.testing.assert_array_equal(handle.result(timeout=60), expected)
+        with pytest.raises(RuntimeError, match="breaks the encoder"):
+            broken.result(timeout=60)
+    finally:
+        engine.stop(drain=True, timeout=30)
+    assert engine.idle() and engine._ahead is None
+
+
+@pytest.mark.runtime
 def test_admission_window_holds_new_requests_while_rows_run():
     generator = load(SCENES)
     images = generator.preprocess(sorted(EXAMPLES.glob("*.png"))[:2])

@@ -60,19 +60,26 @@ class EncodeAhead:
                     wake.wait(0.5)
                 if self._stopping:
                     return
-            try:
-                encoded, where = self.engine._encode(chosen)
-            except Exception as exc:  # these requests fail; the others are unaffected
-                for handle in chosen:
-                    handle._finish(error=exc)
-                encoded = None
+            done = self._encode(chosen)
             with wake:
-                if encoded is not None:
-                    for handle in chosen:
-                        part, first = where[id(handle)]
-                        handle.encoded = (encoded[part], first)
-                    self.encoded_images += sum(h.batch for h in chosen)
+                for handle in done:
+                    self.encoded_images += handle.batch
                 wake.notify_all()
+
+    def _encode(self, chosen: list[Handle]) -> list[Handle]:
+        """Encode `chosen` in one batch; if that fails, one by one, so that only the request
+        that fails is answered with the error. Returns the ones encoded."""
+        try:
+            encoded, where = self.engine._encode(chosen)
+        except Exception as exc:
+            if len(chosen) > 1:
+                return [h for one in chosen for h in self._encode([one])]
+            chosen[0]._finish(error=exc)
+            return []
+        for handle in chosen:
+            part, first = where[id(handle)]
+            handle.encoded = (encoded[part], first)
+        return chosen
 
     def admitted(self, handles: list[Handle]) -> None:
         """These left the queue (admitted, failed or cancelled): their budget is free again."""
