@@ -304,6 +304,25 @@ def test_encoding_ahead_on_a_second_thread():
 
 
 @pytest.mark.runtime
+@pytest.mark.parametrize("encode_ahead", [False, True])
+def test_background_threads_are_woken_not_polled(encode_ahead):
+    """Each request must wake the loop (and the encoder thread) at once: with the polling
+    safety net set to a minute, sequential requests still finish well inside it."""
+    generator = load(SCENES)
+    images = generator.preprocess(sorted(EXAMPLES.glob("*.png")))
+    engine = generator.engine(max_rows=4, encode_ahead=encode_ahead)
+    engine.poll_seconds = 60.0
+    engine.start()
+    try:
+        for i in range(4):  # each arrives when the threads are idle again
+            result = engine.submit(images[i % len(images)][None]).result(timeout=20)
+            np.testing.assert_array_equal(result, generator.generate(images[i % len(images)][None]))
+    finally:
+        engine.poll_seconds = 0.1
+        engine.stop(drain=True, timeout=30)
+
+
+@pytest.mark.runtime
 def test_admission_window_holds_new_requests_while_rows_run():
     generator = load(SCENES)
     images = generator.preprocess(sorted(EXAMPLES.glob("*.png"))[:2])

@@ -57,7 +57,7 @@ class EncodeAhead:
         while True:
             with wake:
                 while not self._stopping and not (chosen := self._pending()):
-                    wake.wait(0.5)
+                    wake.wait(self.engine.poll_seconds)
                 if self._stopping:
                     return
             done = self._encode(chosen)

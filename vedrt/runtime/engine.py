@@ -38,6 +38,8 @@ __all__ = ["Engine", "EngineStopped", "Handle"]
 class Engine:
     """A pool of `max_rows` decoder rows that requests join and leave at step boundaries."""
 
+    poll_seconds = 0.5  # idle threads wake this often without a notice (a safety net only)
+
     def __init__(
         self,
         generator: Any,
@@ -105,7 +107,7 @@ class Engine:
             if self._closed:
                 raise EngineStopped("the engine is stopped and accepts no new requests")
             self._waiting.append(handle)
-            self._wake.notify()
+            self._wake.notify_all()  # the loop and the encoder thread both wait on it
         return handle
 
     @property
@@ -327,7 +329,7 @@ class Engine:
         while True:
             with self._wake:
                 while not self._head_ready() and not self._active and not self._stopping:
-                    self._wake.wait(0.5)
+                    self._wake.wait(self.poll_seconds)
                 if self._stopping and (not self._drain or (not self._waiting and not self._active)):
                     break
             self.step()
