@@ -38,7 +38,10 @@ class EncodeAhead:
         """Waiting requests to encode now, first in first out, within the budget. While the
         rows are full and enough is encoded to fill the ones that free up, wait for a whole
         round: one image at a time costs the encoder nearly twice as much per image."""
-        room, chosen = min(self.limit - self.encoded_images, self.round_images), []
+        # an idle decoder gets its first request as soon as one is encoded; the rest follow
+        idle = not self.engine.active_rows and not self.encoded_images
+        round_images = 1 if idle else self.round_images
+        room, chosen = min(self.limit - self.encoded_images, round_images), []
         for handle in self.engine._waiting:
             if handle.encoded is not None or handle.done() or handle.cancelled:
                 continue
@@ -48,7 +51,7 @@ class EncodeAhead:
             room -= handle.batch
         ready = sum(h.rows for h in self.engine._waiting if h.encoded is not None)
         starving = ready < self.engine.max_rows - self.engine.active_rows
-        if chosen and not starving and sum(h.batch for h in chosen) < self.round_images:
+        if chosen and not starving and sum(h.batch for h in chosen) < round_images:
             return []
         return chosen
 
