@@ -263,10 +263,14 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for p in sorted(report["points"], key=lambda p: (p["concurrency"], MODES.index(p["mode"]))):
         lines.append(
-            f"| {p['concurrency']} | {p['mode']} | {p['images_per_s']:.1f} | "
+            f"| {p['concurrency']} | {p['mode']} | {_rate(p['images_per_s'])} | "
             f"{p['p50_ms']:.1f} | {p['p90_ms']:.1f} | {p['p99_ms']:.1f} | {p['wrong']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _rate(images_per_s: float) -> str:
+    return f"{images_per_s:.1f}" if images_per_s >= 10 else f"{images_per_s:.3f}"
 
 
 def chart(report: dict[str, Any], path: Path) -> None:
