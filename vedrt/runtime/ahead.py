@@ -64,25 +64,24 @@ class EncodeAhead:
                 if self._stopping:
                     return
             done = self._encode(chosen)
-            with wake:
-                for handle in done:
-                    self.encoded_images += handle.batch
+            with wake:  # set and counted together, so `admitted` always undoes what was added
+                for handle, value in done:
+                    if not (handle.done() or handle.cancelled):  # else it left (or leaves) as is
+                        handle.encoded = value
+                        self.encoded_images += handle.batch
                 wake.notify_all()
 
-    def _encode(self, chosen: list[Handle]) -> list[Handle]:
+    def _encode(self, chosen: list[Handle]) -> list[tuple[Handle, Any]]:
         """Encode `chosen` in one batch; if that fails, one by one, so that only the request
-        that fails is answered with the error. Returns the ones encoded."""
+        that fails is answered with the error. Returns (handle, (Encoded, first index))."""
         try:
             encoded, where = self.engine._encode(chosen)
         except Exception as exc:
             if len(chosen) > 1:
-                return [h for one in chosen for h in self._encode([one])]
+                return [pair for one in chosen for pair in self._encode([one])]
             chosen[0]._finish(error=exc)
             return []
-        for handle in chosen:
-            part, first = where[id(handle)]
-            handle.encoded = (encoded[part], first)
-        return chosen
+        return [(h, (encoded[where[id(h)][0]], where[id(h)][1])) for h in chosen]
 
     def admitted(self, handles: list[Handle]) -> None:
         """These left the queue (admitted, failed or cancelled): their budget is free again."""

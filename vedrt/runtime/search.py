@@ -84,7 +84,7 @@ def mergeable(o: GenerationOptions) -> bool:
 
 class _Images:
     """State kept per image (or per row) along axis 0, so searches of equal options can be
-    joined (`join`) and finished images dropped (`drop`) while the others go on.
+    joined (`join`) and finished images forgotten (`keep` the others) while the others go on.
     `lengths` [batch] is each image's current length on the host (the step it is at)."""
 
     _per_image: tuple[str, ...] = ()
