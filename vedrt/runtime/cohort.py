@@ -1,4 +1,4 @@
-"""A cohort: requests admitted together with equal options, stepped as one search."""
+"""A cohort: requests with equal options stepped as one search, joining and leaving it."""
 
 from __future__ import annotations
 
