@@ -9,8 +9,11 @@ Every `step()` admits the waiting requests that fit (their images through the en
 K/V, once, into free image slots), runs ONE decoder step over the active rows of all requests,
 each row at its own position, then lets each request's search (`search.py`) advance on its own
 rows: processors, top-k, beam bookkeeping, and the reorder of its own cache rows. Requests that
-finish leave at once; their rows and slots go to the next ones. `Generator.generate()` is this
-engine with one request, so the parity tests against transformers test it.
+finish leave at once; their rows and slots go to the next ones. Requests with equal options and
+no logits processor share one search even when they arrive at different steps (`cohort.py`), so
+the host's work per step grows with the option sets, not the requests. With `encode_ahead`, the
+background loop has the encoder run on a second thread (`ahead.py`). `Generator.generate()` is
+this engine with one request, so the parity tests against transformers test it.
 """
 
 from __future__ import annotations
