@@ -80,12 +80,23 @@ def build_checkpoint(name: str, out: Path, seed: int = 0) -> Path:
 
 
 def ensure_export(checkpoint: Path, out: Path, precision: str, log: Callable[[str], None]) -> Path:
-    """Export `checkpoint` at `precision` into `out` unless a finished export is already there."""
+    """Export `checkpoint` at `precision` into `out` unless a finished export that this vedrt
+    reads is already there (an export of an older format is replaced, not benchmarked as failed)."""
+    from vedrt.errors import VedrtError
+    from vedrt.manifest import read_manifest
+
+    reason = "none there"
     if (out / "vedrt.json").is_file():
-        return out
+        try:
+            read_manifest(out)
+            return out
+        except VedrtError as exc:
+            reason = str(exc).split(";")[0]
     from vedrt.export import export_model
 
-    log(f"exporting {checkpoint.name} ({precision}) to {out}: minutes for base-sized models")
+    log(
+        f"exporting {checkpoint.name} ({precision}) to {out} ({reason}): minutes for base-sized models"
+    )
     quantize = None if precision == "fp32" else precision
     export_model(checkpoint, out, quantize=quantize, overwrite=True)
     return out
