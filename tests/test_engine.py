@@ -140,6 +140,16 @@ def test_mixed_requests_on_random_models_differ_only_at_near_ties(family, tmp_pa
     assert identical >= len(mix) // 2
 
 
+def assert_equals_solo(generator, pv, options: dict, ours) -> None:
+    """`ours` is what `generate(pv, **options)` alone returns (beam indices and scores too)."""
+    solo = generator.generate(pv, **options)
+    if options.get("return_dict"):
+        np.testing.assert_array_equal(ours.beam_indices, solo.beam_indices)
+        np.testing.assert_allclose(ours.sequences_scores, solo.sequences_scores, atol=1e-6)
+        solo, ours = solo.sequences, ours.sequences
+    np.testing.assert_array_equal(ours, solo)
+
+
 @pytest.mark.runtime
 @pytest.mark.parametrize("options", [{}, {"num_beams": 3}, {"num_beams": 2, "return_dict": True}])
 def test_requests_admitted_together_share_one_search(options):
@@ -163,12 +173,7 @@ def test_requests_admitted_together_share_one_search(options):
     assert len(set(answered_at.values())) > 1, "members should finish at their own steps"
     for i, handle in enumerate(handles):
         pv = images[i : i + 1] if i < 4 else images[4:6]
-        solo, ours = generator.generate(pv, **options), handle.result()
-        if options.get("return_dict"):
-            np.testing.assert_array_equal(ours.beam_indices, solo.beam_indices)
-            np.testing.assert_allclose(ours.sequences_scores, solo.sequences_scores, atol=1e-6)
-            solo, ours = solo.sequences, ours.sequences
-        np.testing.assert_array_equal(ours, solo)
+        assert_equals_solo(generator, pv, options, handle.result())
     with pytest.raises(EngineStopped):
         cancelled.result()
 
@@ -203,12 +208,7 @@ def test_requests_arriving_at_different_steps_join_one_search(options):
     assert engine.idle()
     assert len(set(rows_seen)) > 3, "rows should be freed as each request leaves"
     for pv, handle in submitted:
-        solo, ours = generator.generate(pv, **options), handle.result()
-        if options.get("return_dict"):
-            np.testing.assert_array_equal(ours.beam_indices, solo.beam_indices)
-            np.testing.assert_allclose(ours.sequences_scores, solo.sequences_scores, atol=1e-6)
-            solo, ours = solo.sequences, ours.sequences
-        np.testing.assert_array_equal(ours, solo)
+        assert_equals_solo(generator, pv, options, handle.result())
     ngram = generator.generate(images[5:6], num_beams=2, no_repeat_ngram_size=2)
     np.testing.assert_array_equal(other.result(), ngram)
     with pytest.raises(EngineStopped):
