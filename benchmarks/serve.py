@@ -6,9 +6,11 @@ answered) against three servers that share the HTTP stack and differ only in the
   one         one request at a time, in arrival order
   dynamic     collect requests for up to --window-ms, run one generate() for the group (Triton's
               and Ray Serve's dynamic batchers)
-Each server runs in its own process (the load generator would otherwise share its GIL). Every
-answer is checked against the solo answer of its image; images/s and p50/p90/p99 go to
-JSON/MD/PNG under benchmarks/results/.
+Each server runs in its own process (the load generator would otherwise share its GIL); all are
+up at once and each point runs --repeat times with the modes interleaved, so drift in the
+machine's load hits every mode alike. Every answer is checked against the solo answer of its
+image; images/s (median run) and p50/p90/p99 (over all runs' requests) go to JSON/MD/PNG under
+benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -342,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         report["note"] = args.note or report.get("note", "")
         args.stem = args.render.stem
     else:
+        if args.repeat < 1:
+            parser.error("--repeat must be at least 1")
         args.concurrency = [int(c) for c in args.concurrency.split(",")]
         args.modes = [m for m in args.modes.split(",") if m]
         report = {**bench(args), "note": args.note}
