@@ -7,8 +7,8 @@ encodes whatever has queued while the decoder steps (ONNX Runtime releases the G
 runs), in one batch per round, so arrivals batch themselves without a timer. The engine then
 admits requests already encoded, still first in, first out.
 
-Encoded requests waiting for rows hold their cross K/V in memory, so at most `limit` images are
-encoded ahead of admission.
+Encoded requests waiting for rows hold their cross K/V in memory, so at most `limit` decoder rows'
+worth of requests (the engine's `max_rows`: one pool's worth) are encoded ahead of admission.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class EncodeAhead:
         # smaller runs cut the tail; on the scene model, closed loop at 16 clients, 8 gave
         # 318 img/s and p99 92 ms, 32 gave 317 and 105 ms, 4 gave 277 and 82 ms
         self.round_images = min(limit, 8)
-        self.encoded_images = 0  # encoded, not yet admitted (under the engine's lock)
+        self.encoded_rows = 0  # rows of the requests encoded, not yet admitted (under the lock)
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="vedrt-encoder", daemon=True)
         self._thread.start()
@@ -39,16 +39,16 @@ class EncodeAhead:
         rows are full and enough is encoded to fill the ones that free up, wait for a whole
         round: one image at a time costs the encoder nearly twice as much per image."""
         # an idle decoder gets its first request as soon as one is encoded; the rest follow
-        idle = not self.engine.active_rows and not self.encoded_images
+        idle = not self.engine.active_rows and not self.encoded_rows
         round_images = 1 if idle else self.round_images
-        room, chosen = min(self.limit - self.encoded_images, round_images), []
+        rows, images, chosen = self.limit - self.encoded_rows, round_images, []
         for handle in self.engine._waiting:
             if handle.encoded is not None or handle.done() or handle.cancelled:
                 continue
-            if handle.batch > room and (chosen or self.encoded_images):
+            if (handle.rows > rows or handle.batch > images) and (chosen or self.encoded_rows):
                 break
             chosen.append(handle)
-            room -= handle.batch
+            rows, images = rows - handle.rows, images - handle.batch
         ready = sum(h.rows for h in self.engine._waiting if h.encoded is not None)
         starving = ready < self.engine.max_rows - self.engine.active_rows
         if chosen and not starving and sum(h.batch for h in chosen) < round_images:
@@ -68,7 +68,7 @@ class EncodeAhead:
                 for handle, value in done:
                     if not (handle.done() or handle.cancelled):  # else it left (or leaves) as is
                         handle.encoded = value
-                        self.encoded_images += handle.batch
+                        self.encoded_rows += handle.rows
                 wake.notify_all()
 
     def _encode(self, chosen: list[Handle]) -> list[tuple[Handle, Any]]:
@@ -85,7 +85,7 @@ class EncodeAhead:
 
     def admitted(self, handles: list[Handle]) -> None:
         """These left the queue (admitted, failed or cancelled): their budget is free again."""
-        self.encoded_images -= sum(h.batch for h in handles if h.encoded is not None)
+        self.encoded_rows -= sum(h.rows for h in handles if h.encoded is not None)
 
     def stop(self) -> None:
         with self.engine._wake:
