@@ -145,17 +145,29 @@ async def _infer(service: Service, request: Request) -> Response:
     return Response(content, headers=headers)
 
 
-async def _caption(service: Service, request: Request) -> Response:
-    service.check_modality("image")
-    service.check_tokenizer()
+async def _form_request(
+    service: Service, request: Request, field: str, kind: type
+) -> tuple[list | None, dict[str, Any], bytes, str]:
+    """What /v1/caption and /v1/generate read alike: admission (a full queue answers before the
+    body is read), options from the query, the body, and the multipart fields named `field`
+    (None when the body is not multipart; their other fields are options too). Returns (items,
+    options, body, content type)."""
     service.admit()
     options = {k: images.parse_text_value(v) for k, v in request.query_params.items()}
     body = await _read_body(request, service.options.max_body_mb)
     content_type = request.headers.get("content-type", "")
+    items = None
     if content_type.startswith("multipart/form-data"):
-        blobs, fields = _split_form(await _form(request, body), "image", bytes)
+        items, fields = _split_form(await _form(request, body), field, kind)
         options.update(fields)
-    else:
+    return items, options, body, content_type
+
+
+async def _caption(service: Service, request: Request) -> Response:
+    service.check_modality("image")
+    service.check_tokenizer()
+    blobs, options, body, _ = await _form_request(service, request, "image", bytes)
+    if blobs is None:
         blobs = [body] if body else []
     if not blobs:
         raise bad_request("no image: send one as the body, or as multipart fields named 'image'")
@@ -168,18 +180,13 @@ async def _generate(service: Service, request: Request) -> Response:
     service.check_modality("text")
     service.check_text_tokenizer()
     service.check_tokenizer()
-    service.admit()
-    options = {k: images.parse_text_value(v) for k, v in request.query_params.items()}
-    body = await _read_body(request, service.options.max_body_mb)
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        texts, fields = _split_form(await _form(request, body), "text", str)
-        options.update(fields)
-    elif content_type.startswith("application/x-www-form-urlencoded") and not _looks_json(body):
-        texts, fields = _split_form(_urlencoded(body), "text", str)
-        options.update(fields)
-    else:
-        texts = _json_texts(body)
+    texts, options, body, content_type = await _form_request(service, request, "text", str)
+    if texts is None:
+        if content_type.startswith("application/x-www-form-urlencoded") and not _looks_json(body):
+            texts, fields = _split_form(_urlencoded(body), "text", str)
+            options.update(fields)
+        else:
+            texts = _json_texts(body)
     if not texts:
         raise bad_request("no text: send {\"texts\": [...]} as JSON, or form fields named 'text'")
     answer = await service.generate(texts, options, _disconnected(request))
