@@ -156,42 +156,34 @@ def test_gpt2_sdpa_object_validates_against_eager(flags, settings, tmp_path):
         assert_parity(eager, generator, pv, **_fill(setting, eos))
 
 
-@pytest.mark.parametrize("row", ["vit+xlm-roberta@192x1024/4"], indirect=True)
-def test_non_square_images_preprocess_like_transformers(row):
-    """The processor the export writes resizes to (height, width), as transformers' does."""
+def assert_preprocesses_like(row, processor, seed: int, shapes, **options) -> None:
+    """Random images of `shapes` (height, width) through the export's processor equal the
+    transformers `processor`'s, and the model then generates as transformers does."""
     from PIL import Image
 
     model, out, _, size = row
-    rng = np.random.RandomState(3)
-    images = [
-        Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8))
-        for h, w in [(100, 500), (300, 90), (48, 256)]
-    ]
+    rng = np.random.RandomState(seed)
+    images = [Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
     generator = load(out)
     ours = generator.preprocess(images)
-    ref = transformers.ViTImageProcessor.from_pretrained(out)(images, return_tensors="np")
+    ref = processor.from_pretrained(out)(images, return_tensors="np")
     assert ours.shape == (3, 3, *size)
     np.testing.assert_allclose(ours, ref["pixel_values"], atol=1e-5, rtol=0)
-    assert_parity(model, generator, ours, max_new_tokens=8)
+    assert_parity(model, generator, ours, max_new_tokens=8, **options)
+
+
+@pytest.mark.parametrize("row", ["vit+xlm-roberta@192x1024/4"], indirect=True)
+def test_non_square_images_preprocess_like_transformers(row):
+    """The processor the export writes resizes to (height, width), as transformers' does."""
+    shapes = [(100, 500), (300, 90), (48, 256)]
+    assert_preprocesses_like(row, transformers.ViTImageProcessor, 3, shapes)
 
 
 @pytest.mark.parametrize("row", ["donut-swin+mbart@2560x1920/40"], indirect=True)
 def test_donut_processor_with_a_non_square_size(row):
     """Donut's geometry (resize, thumbnail, pad) at a non-square size travels with the export."""
-    from PIL import Image
-
-    model, out, _, size = row
-    rng = np.random.RandomState(4)
-    images = [
-        Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8))
-        for h, w in [(200, 80), (50, 120), (64, 48)]
-    ]
-    generator = load(out)
-    ours = generator.preprocess(images)
-    ref = transformers.DonutImageProcessor.from_pretrained(out)(images, return_tensors="np")
-    assert ours.shape == (3, 3, *size)
-    np.testing.assert_allclose(ours, ref["pixel_values"], atol=1e-5, rtol=0)
-    assert_parity(model, generator, ours, max_new_tokens=8, num_beams=2)
+    shapes = [(200, 80), (50, 120), (64, 48)]
+    assert_preprocesses_like(row, transformers.DonutImageProcessor, 4, shapes, num_beams=2)
 
 
 def test_unsupported_decoder_fails_at_once_listing_every_row(tmp_path, monkeypatch):
