@@ -263,7 +263,7 @@ class BeamSearch(_Images):
         )
         if fast:
             self.collect.add(None, cross_attn)
-            cand_scores, cand_seqs, cand_indices = self._top_k_from_rows(*top)
+            cand_scores, cand_seqs, cand_indices, cand_tokens = self._top_k_from_rows(*top)
         else:
             flat_running = self.running_sequences[:, :, :cur_len].reshape(self.rows, cur_len)
             log_probs = ops.log_softmax(ops.float_logits(logits))
@@ -272,9 +272,10 @@ class BeamSearch(_Images):
             vocab = log_probs.shape[-1]
             accumulated = log_probs.reshape(self.batch, nb, vocab) + self.running_scores[:, :, None]
             accumulated = accumulated.reshape(self.batch, nb * vocab)
-            cand_scores, cand_seqs, cand_indices = self._top_k_continuations(accumulated, vocab)
-        image, beam, at = self._at(cand_seqs.shape[1])
-        self.hits = ops.isin(cand_seqs[image, beam, at], o.eos_token_id or ())
+            cand_scores, cand_seqs, cand_indices, cand_tokens = self._top_k_continuations(
+                accumulated, vocab
+            )
+        self.hits = ops.isin(cand_tokens, o.eos_token_id or ())
         last = self.lengths + 1 >= o.max_length
         if last.any():  # the candidates of images at their last step all finish
             self.hits = self.hits | ops.asarray(last)[:, None]
@@ -324,14 +325,15 @@ class BeamSearch(_Images):
         return (cand_scores, *self._candidates(idx // width, tokens))
 
     def _candidates(self, source, tokens):
-        """Candidate sequences and beam indices: the source beam's, extended by `tokens`."""
+        """Candidate sequences and beam indices (the source beam's, extended by `tokens`), and
+        the tokens themselves."""
         ops = self.ops
         cand_indices = self._gather(self.running_indices, source)
         cand_seqs = self._gather(self.running_sequences, source)
         image, beam, at = self._at(cand_seqs.shape[1])
         cand_seqs[image, beam, at] = tokens
         cand_indices[image, beam, at - PROMPT_LEN] = ops.astype(source, ops.int32)
-        return cand_seqs, cand_indices
+        return cand_seqs, cand_indices, tokens
 
     def _next_running_beams(self, cand_scores, cand_seqs, cand_indices) -> None:
         """Keep the best `num_beams` candidates that did not just finish."""
