@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="encode waiting requests on a second thread while the decoder steps (default: on; "
-        "measured 1.5-1.7x the images/s on 2 cores, see README)",
+        "1.4x the images/s at beam 4 over HTTP, 1.7x greedy in-process, on 2 cores: see README)",
     )
     parser.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment")
     parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
