@@ -153,6 +153,12 @@ def _load_line(report: dict) -> str:
     )
 
 
+def _others(read: dict) -> str:
+    """The slower readers' medians, so a reader far below the best stands out."""
+    others = {k: v for k, v in read.get("readers", {}).items() if k != read.get("reader")}
+    return "".join(f"; {name} {rate / 1e9:.1f}" for name, rate in others.items())
+
+
 def roofline_line(report: dict) -> str:
     """The machine's rates measured in this run, which every floor is computed from."""
     probed = report.get("roofline")
@@ -164,8 +170,8 @@ def roofline_line(report: dict) -> str:
         f"Roofline, measured in this run ({probed['threads']} threads, ONNX Runtime): fp32 GEMM "
         f"{rates['fp32_flops'] / 1e9:.0f} GFLOP/s (best median, shape {best[0]}x{best[1]}x{best[2]}), "
         f"int8 GEMM {rates['int8_flops'] / 1e9:.0f} GOP/s, read bandwidth "
-        f"{read['median'] / 1e9:.1f} GB/s (median of {read['reads']} reads, spread "
-        f"{read['min'] / 1e9:.1f}-{read['max'] / 1e9:.1f}). Floor: per phase max(FLOPs / GEMM rate, "
+        f"{read['median'] / 1e9:.1f} GB/s ({read.get('reader', 'ReduceMax')}, median of "
+        f"{read['reads']} reads, spread {read['min'] / 1e9:.1f}-{read['max'] / 1e9:.1f}{_others(read)}). Floor: per phase max(FLOPs / GEMM rate, "
         "bytes / bandwidth), encoder + cross K/V once per image, then every decoder step "
         "(`benchmarks/roofline.py`); floor / p50 is the efficiency."
     )

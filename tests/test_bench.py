@@ -158,6 +158,8 @@ def test_roofline_probe_measures_positive_rates_of_correct_products():
     assert fp32["median"] > 0 and int8["median"] > 0 and fp32["shape"] == [64, 128, 256]
     read = read_bandwidth(threads=1, mebibytes=8, reps=3)
     assert 0 < read["min"] <= read["median"] <= read["max"] and read["reads"] == 3
+    assert set(read["readers"]) == {"ReduceMax", "GEMV"}
+    assert read["median"] == max(read["readers"].values()) == read["readers"][read["reader"]]
     # the int8 probe runs the product the int8 export runs: dequantized weights times activations
     model = _gemm_model(16, 8, int8=True)
     weights = {t.name: t for t in model.graph.initializer}
