@@ -65,12 +65,12 @@ def graph_specs(
         for kv in ("key", "value")
     )
     new = tuple(
-        TensorSpec(f"new_{kv}.{i}", f32, ("batch_beams", heads, "new_len", hd))
+        TensorSpec(f"new_{kv}.{i}", f32, ("batch_beams", heads, 1, hd))
         for i in range(layers)
         for kv in ("key", "value")
     )
     attn = tuple(
-        TensorSpec(f"cross_attn.{i}", f32, ("batch_beams", heads, "new_len", enc_len))
+        TensorSpec(f"cross_attn.{i}", f32, ("batch_beams", heads, 1, enc_len))
         for i in range(layers)
     )
     states = TensorSpec("encoder_hidden_states", f32, ("batch", enc_len, enc_dim))
@@ -87,7 +87,7 @@ def graph_specs(
         "decoder": GraphSpec(
             "decoder.onnx",
             (
-                TensorSpec("input_ids", "int64", ("batch_beams", "new_len")),
+                TensorSpec("input_ids", "int64", ("batch_beams", 1)),  # one token per step
                 TensorSpec("past_lengths", "int64", ("batch_beams",)),
                 *cache,
                 *cross_pool,
@@ -233,7 +233,7 @@ def export_graphs(
     progress("decoder.onnx")
     rows, slots = ids.shape[0], encoder_in[0].shape[0]
     args = (
-        ids[:, :2].contiguous(),
+        ids[:, :1].contiguous(),
         torch.arange(2, 2 + rows, dtype=torch.int64) % 3,  # rows at different positions
         list(cache),
         [c.contiguous() for c in cross],

@@ -46,9 +46,10 @@ def _tie_lookup_to_head(path: Path) -> None:
     fp32 exports keep a tied head's [vocab, d] lookup table beside its [d, vocab] MatMul copy
     (modules.py: then only the looked-up rows become resident). Quantized, the int8 head is a
     quarter of the table's size, so a Gather reading exactly the head's transpose is pointed at
-    the head (`Gather(axis=1)` + `Transpose`) and `_share_quantized_tables` then reads its int8
-    copy. Only 1-D token indices are rewritten (what DecoderStep.embed emits); any other Gather
-    keeps its own table.
+    the head (`Gather(axis=1)` + `Transpose` moving the model dimension last) and
+    `_share_quantized_tables` then reads its int8 copy. Token indices of known rank are rewritten
+    (DecoderStep.embed emits `[N, 1]`; exports before it, `[N]`); any other Gather keeps its own
+    table.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -72,7 +73,8 @@ def _tie_lookup_to_head(path: Path) -> None:
         if node.op_type != "Gather" or node.input[0] not in tables:
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if axis != 0 or ranks.get(node.input[1]) != 1:
+        rank = ranks.get(node.input[1])
+        if axis != 0 or not rank:
             continue
         rows = numpy_helper.to_array(tables[node.input[0]])
         head = next((h for h in sorted(heads) if _is_transpose(rows, tables[h])), None)
@@ -80,7 +82,11 @@ def _tie_lookup_to_head(path: Path) -> None:
             continue
         columns = node.output[0] + "/columns"
         flip = helper.make_node(
-            "Transpose", [columns], [node.output[0]], node.name + "/Transpose", perm=[1, 0]
+            "Transpose",
+            [columns],
+            [node.output[0]],
+            node.name + "/Transpose",
+            perm=[*range(1, rank + 1), 0],  # [d, *indices] -> [*indices, d]
         )
         node.input[0], node.output[0] = head, columns
         del node.attribute[:]
