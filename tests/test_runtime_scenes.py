@@ -123,3 +123,26 @@ def test_cli_explain_writes_a_map_per_image(tmp_path: Path, capsys) -> None:
     for path in (out, tmp_path / "map-2.png"):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size[0] > 64
+
+
+def test_encoder_calls_of_a_few_images_give_the_whole_batch(gen, pixels, monkeypatch) -> None:
+    """Large batches go through the CPU encoder a few images a call (executor.ENCODE_TOKENS):
+    the states, and so the captions, are those of one call over the batch."""
+    from vedrt.runtime import executor
+
+    assert len(pixels) >= 4
+    whole = gen.executor.encode(pixels)
+    calls = []
+    real = gen.executor._encode
+    monkeypatch.setattr(gen.executor, "_encode", lambda feed: calls.append(feed) or real(feed))
+    monkeypatch.setattr(executor, "ENCODE_TOKENS", 3 * gen.manifest.enc_len)
+    parts = gen.executor.encode(pixels)
+    assert [len(feed["pixel_values"]) for feed in calls] == [3] * (len(pixels) // 3) + (
+        [len(pixels) % 3] if len(pixels) % 3 else []
+    )
+    assert np.array_equal(parts.mask, whole.mask)
+    for a, b in zip(parts.cross, whole.cross, strict=True):
+        assert a.shape == b.shape and np.allclose(a, b, atol=1e-5)
+    chunked = gen.generate(pixels, num_beams=3)
+    monkeypatch.setattr(executor, "ENCODE_TOKENS", 10**9)
+    assert np.array_equal(chunked, gen.generate(pixels, num_beams=3))
