@@ -69,6 +69,24 @@ def test_manifest_names_match_the_graphs(exported):
     assert manifest["encoder"]["enc_len"] == 17 and manifest["encoder"]["patch_grid"] == [4, 4]
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_decoder_step_is_written_for_one_token(exported, decoder):
+    """One token per row: `input_ids` is [rows, 1], no causal mask is built, and the head splits
+    need no shape arithmetic (a traced `view(b, t, ...)` left ~9 `Shape` nodes a layer; what
+    remains is the cross-attention group count and the encoder length)."""
+    import onnx
+
+    _, out = exported("vit", decoder)
+    manifest = json.loads((out / "vedrt.json").read_text())
+    inputs = {t["name"]: t["shape"] for t in manifest["graphs"]["decoder"]["inputs"]}
+    assert inputs["input_ids"] == ["batch_beams", 1]
+    graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
+    ops = [node.op_type for node in graph.node]
+    layers = manifest["decoder"]["num_layers"]
+    assert "Trilu" not in ops and "CumSum" not in ops
+    assert ops.count("Shape") <= 2 * layers + 4, ops.count("Shape")  # cross-attention groups
+
+
 def test_cross_kv_is_shared_by_beams_not_expanded(exported):
     """The decoder takes cross K/V per image slot while its tokens are batch*beams rows, in
     groups that each read one slot (`group_slots`)."""

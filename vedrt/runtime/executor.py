@@ -120,12 +120,17 @@ class OrtExecutor:
         per_call = max(1, ENCODE_TOKENS // max(self.m.enc_len, 1))
         if self.device != "cpu" or len(inputs) <= per_call:
             return self._encode({"pixel_values": inputs})
-        parts = [
-            self._encode({"pixel_values": inputs[start : start + per_call]})
-            for start in range(0, len(inputs), per_call)
-        ]
-        cross = [np.concatenate(arrays) for arrays in zip(*(p.cross for p in parts), strict=True)]
-        return Encoded(cross, np.concatenate([p.mask for p in parts]))
+        # each call's states written into the batch's arrays at once: the peak is the batch's
+        # cross K/V and one call's, not every call's kept for a concatenation
+        cross, masks = None, []
+        for start in range(0, len(inputs), per_call):
+            part = self._encode({"pixel_values": inputs[start : start + per_call]})
+            if cross is None:
+                cross = [np.empty((len(inputs), *a.shape[1:]), a.dtype) for a in part.cross]
+            for whole, array in zip(cross, part.cross, strict=True):
+                whole[start : start + part.batch] = array
+            masks.append(part.mask)
+        return Encoded(cross, np.concatenate(masks))
 
     def _encode(self, feed: dict[str, np.ndarray]) -> Encoded:
         (states,) = self.sessions["encoder"].run(["encoder_hidden_states"], feed)
