@@ -171,7 +171,8 @@ def roofline_line(report: dict) -> str:
         f"{rates['fp32_flops'] / 1e9:.0f} GFLOP/s (best median, shape {best[0]}x{best[1]}x{best[2]}), "
         f"int8 GEMM {rates['int8_flops'] / 1e9:.0f} GOP/s, read bandwidth "
         f"{read['median'] / 1e9:.1f} GB/s ({read.get('reader', 'ReduceMax')}, median of "
-        f"{read['reads']} reads, spread {read['min'] / 1e9:.1f}-{read['max'] / 1e9:.1f}{_others(read)}). Floor: per phase max(FLOPs / GEMM rate, "
+        f"{read['reads']} reads, spread {read['min'] / 1e9:.1f}-{read['max'] / 1e9:.1f}"
+        f"{_others(read)}). Floor: per phase max(FLOPs / GEMM rate, "
         "bytes / bandwidth), encoder + cross K/V once per image, then every decoder step "
         "(`benchmarks/roofline.py`); floor / p50 is the efficiency."
     )

@@ -81,7 +81,11 @@ class EncodeAhead:
                 return [pair for one in chosen for pair in self._encode([one])]
             chosen[0]._finish(error=exc)
             return []
-        return [(h, (encoded[where[id(h)][0]], where[id(h)][1])) for h in chosen]
+        out = []
+        for handle in chosen:
+            part, first = where[id(handle)]
+            out.append((handle, (encoded[part], first)))
+        return out
 
     def admitted(self, handles: list[Handle]) -> None:
         """These left the queue (admitted, failed or cancelled): their budget is free again."""

@@ -201,7 +201,7 @@ def ort_executor(manifest: Manifest, device: str = "cpu", threads: int | None = 
 def _session(path, device: str, threads: int | None, arena: bool = True):
     """`arena=False` for the graphs run once per admitted batch (encoder, cross K/V): ORT's CPU
     arena would keep their largest batch's activations resident for the process's life (20 MB
-    of ViT-GPT2's fp32 peak RSS at batch 1, eight times that after a batch of 8), and measured
+    of ViT-GPT2's fp32 peak RSS at batch 1, and it grows with the batch), and measured
     here they run no slower without it (ViT-base encoder 289 vs 293 ms at batch 1, 2.10 vs 2.09 s
     at batch 8, interleaved). The decoder keeps it: it runs every step on small buffers."""
     import onnxruntime as ort
