@@ -87,6 +87,40 @@ def test_decoder_step_is_written_for_one_token(exported, decoder):
     assert ops.count("Shape") <= 2 * layers + 4, ops.count("Shape")  # cross-attention groups
 
 
+@pytest.mark.parametrize("encoder", ["beit", "swin"])
+def test_what_the_image_size_fixes_is_folded_at_export(exported, encoder):
+    """BEiT rebuilds its relative position bias and Swin its window padding from the image's
+    shape: traced, that is run-time work on an input with a dynamic batch. The export folds it
+    (`fold.py`): no node reads the shape of `pixel_values` or of anything of a fixed size, and
+    the BEiT bias tables are constants; the parity tests check the values."""
+    import onnx
+    from onnx import numpy_helper
+
+    _, out = exported(encoder, "gpt2")
+    manifest = json.loads((out / "vedrt.json").read_text())
+    stats = manifest["optimization"]["fused"]["encoder"]
+    assert stats.get("StaticShape", 0) > 0 and stats.get("ConstantFolded", 0) > 0, stats
+    graph = onnx.load(str(out / "encoder.onnx"), load_external_data=False).graph
+    ops = [node.op_type for node in graph.node]
+    assert not [n for n in graph.node if n.op_type == "Shape" and n.input[0] == "pixel_values"]
+    constants = {
+        t.name: numpy_helper.to_array(t)
+        for t in graph.initializer
+        if t.data_location != onnx.TensorProto.EXTERNAL
+    }
+    constants |= {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+        for n in graph.node
+        if n.op_type == "Constant"
+    }
+    shapes = {n.output[0] for n in graph.node if n.op_type == "Shape"}
+    for node in graph.node:  # what is still read of a shape is the batch size, nothing fixed
+        if shapes.intersection(node.input):
+            assert node.op_type == "Gather" and constants[node.input[1]].tolist() == 0, node
+    if encoder == "beit":
+        assert "ScatterND" not in ops and "Range" not in ops and "Resize" not in ops
+
+
 def test_cross_kv_is_shared_by_beams_not_expanded(exported):
     """The decoder takes cross K/V per image slot while its tokens are batch*beams rows, in
     groups that each read one slot (`group_slots`)."""

@@ -18,9 +18,12 @@ import io
 import logging
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from . import fold
 
 GRAPHS = ("encoder", "cross_kv", "decoder")
 
@@ -130,27 +133,55 @@ def simplify_graph(path: Path) -> dict[str, int]:
     about 1,600 such tiny kernels besides ~150 real ones: several milliseconds a step, as much as
     the int8 MatMuls. With the symbolic shapes known, each Reshape gets a constant target (0 keeps
     a dimension, one -1 infers a product) and each Gemm sandwich becomes MatMul + Add on the 3-D
-    tensor; the arithmetic then feeds nothing and is removed. Exact: the same values are computed.
+    tensor; the arithmetic then feeds nothing and is removed. What the image size fixes is
+    folded to constants (`fold.py`). Exact: the same values are computed.
     """
     import onnx
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     model = onnx.load(str(path))
     try:
-        with quiet():
-            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        inferred = _infer(model)
     except Exception:  # an op it cannot infer: keep the graph as it is
         return {}
     graph = inferred.graph
-    shapes = {v.name: _dims(v) for v in [*graph.value_info, *graph.input, *graph.output]}
-    stats = {
-        "GemmToMatMul": _unwrap_gemms(graph, shapes),
-        "ConstReshape": _const_reshapes(graph, shapes),
-    }
-    stats["NodesRemoved"] = prune(graph)
+    shapes, types = _shapes(graph)
+    stats = Counter(
+        GemmToMatMul=_unwrap_gemms(graph, shapes), ConstReshape=_const_reshapes(graph, shapes)
+    )
+    for _ in range(3):  # a folded padding gives the next shapes numbers (Swin): fold again
+        shaped = fold.static_shapes(graph, shapes)
+        stats["StaticShape"] += shaped
+        stats["ConstantFolded"] += fold.constant_subgraphs(inferred, shapes, types)
+        stats["ConstantIf"] += fold.constant_ifs(graph)
+        _toposort(graph)  # an inlined branch reads values produced after the If it replaced
+        stats["NodesRemoved"] += prune(graph)
+        if not shaped:
+            break
+        del graph.value_info[:]
+        try:
+            inferred = _infer(inferred)
+        except Exception:  # keep what is folded so far
+            break
+        graph = inferred.graph
+        shapes, types = _shapes(graph)
     del graph.value_info[:]  # symbolic names such as "batch_beams*new_len" are not for ORT
     onnx.save(inferred, str(path))
     return {k: v for k, v in stats.items() if v}
+
+
+def _infer(model):
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    with quiet():
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+
+
+def _shapes(graph) -> tuple[dict, dict]:
+    """Each tensor's dims (ints where known) and element type, from the inferred value infos."""
+    values = [*graph.value_info, *graph.input, *graph.output]
+    return {v.name: _dims(v) for v in values}, {
+        v.name: v.type.tensor_type.elem_type for v in values
+    }
 
 
 def _consumers(graph) -> dict[str, list]:
@@ -245,7 +276,7 @@ def prune(graph) -> int:
     for node in reversed(graph.node):
         if any(o in needed for o in node.output):
             keep.append(node)
-            needed.update(i for i in node.input if i)
+            needed.update(i for i in fold.reads(node) if i)
     removed = len(graph.node) - len(keep)
     del graph.node[:]
     graph.node.extend(reversed(keep))
@@ -262,7 +293,7 @@ def _toposort(graph) -> None:
     while pending:
         rest = []
         for node in pending:
-            if all(i in ready for i in node.input):
+            if all(i in ready for i in fold.reads(node)):
                 ordered.append(node)
                 ready.update(node.output)
             else:
