@@ -163,13 +163,17 @@ class OrtExecutor:
                 io.bind_ortvalue_input(f"cross_{kv}.{i}", value(pool.cross[2 * i + j]))
         h, d = self.m.num_heads, self.m.head_dim
         outputs = {"logits": np.empty((rows, self.m.vocab_size), np.float32)}
+        # every layer's new K/V in one array, so the pool writes them with one indexed copy
+        outputs["new_kv"] = new_kv = np.empty((2 * self.layers, rows, h, 1, d), np.float32)
         for i in range(self.layers):
-            outputs[f"new_key.{i}"] = np.empty((rows, h, 1, d), np.float32)
-            outputs[f"new_value.{i}"] = np.empty((rows, h, 1, d), np.float32)
+            outputs[f"new_key.{i}"] = new_kv[2 * i]
+            outputs[f"new_value.{i}"] = new_kv[2 * i + 1]
             outputs[f"cross_attn.{i}"] = np.empty((rows, h, 1, pool.enc_len), np.float32)
         outputs["top_logprobs"] = np.empty((rows, self.m.top_k), np.float32)
         outputs["top_ids"] = np.empty((rows, self.m.top_k), np.int64)
         for name, array in outputs.items():
+            if name == "new_kv":
+                continue
             io.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         if len(pool.bindings) > 16:  # bindings of sizes met long ago
             pool.bindings.clear()
@@ -182,8 +186,7 @@ class OrtExecutor:
         bound = pool.bindings.get((pool.version, rows, groups))
         io, outputs = bound if bound is not None else self._bind(pool, rows, groups)
         self.sessions["decoder"].run_with_iobinding(io)
-        new_kv = [outputs[f"new_{kv}.{i}"] for i in range(self.layers) for kv in ("key", "value")]
-        pool.write_new(new_kv, rows)
+        pool.write_new(outputs["new_kv"], rows)
         attn = [outputs[f"cross_attn.{i}"] for i in range(self.layers)] if want_attentions else None
         return StepOutput(outputs["logits"], attn, outputs["top_logprobs"], outputs["top_ids"])
 

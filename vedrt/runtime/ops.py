@@ -13,6 +13,11 @@ from typing import Any
 
 import numpy as np
 
+# Rows up to this long are ranked by one stable sort (beam candidates: 2 x beams x top_k).
+SMALL_TOPK = 256
+_ROWS = np.arange(4096)  # row indices for take_along, sliced instead of made every call
+_ROWS.flags.writeable = False
+
 
 class NumpyOps:
     """Host arrays; see the module docstring. Arrays are plain `np.ndarray`s."""
@@ -53,6 +58,9 @@ class NumpyOps:
     def topk(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Row-wise top k, best first; ties go to the lower index."""
         n = x.shape[-1]
+        if n <= SMALL_TOPK:  # the search's candidates: one sort beats a partition and two sorts
+            idx = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+            return self.take_along(x, idx, axis=-1), idx
         if k < n:
             idx = np.sort(np.argpartition(-x, k - 1, axis=-1)[:, :k], axis=-1)
         else:
@@ -69,8 +77,8 @@ class NumpyOps:
         return np.argsort(x, axis=-1, kind="stable")
 
     def take_along(self, x: np.ndarray, idx: np.ndarray, axis: int) -> np.ndarray:
-        if x.ndim == 2 and axis in (1, -1):  # the search's case: plain indexing is ~3x faster
-            return x[np.arange(x.shape[0])[:, None], idx]
+        if x.ndim == 2 and axis in (1, -1) and x.shape[0] <= len(_ROWS):
+            return x[_ROWS[: x.shape[0], None], idx]  # the search's case: ~3x faster
         return np.take_along_axis(x, idx, axis=axis)
 
     def put_along(self, x: np.ndarray, idx: np.ndarray, values: np.ndarray, axis: int) -> None:
@@ -82,11 +90,12 @@ class NumpyOps:
     def min(self, x: np.ndarray, axis: int) -> np.ndarray:
         return x.min(axis=axis, keepdims=True)
 
+    # the array methods, not np.any / np.all: their dispatch costs more than a small reduction
     def any(self, x: np.ndarray, axis: int | None = None) -> Any:
-        return np.any(x) if axis is None else np.any(x, axis=axis, keepdims=True)
+        return x.any() if axis is None else x.any(axis=axis, keepdims=True)
 
     def all(self, x: np.ndarray, axis: int | None = None) -> Any:
-        return np.all(x) if axis is None else np.all(x, axis=axis, keepdims=True)
+        return x.all() if axis is None else x.all(axis=axis, keepdims=True)
 
     def cumsum(self, x: np.ndarray) -> np.ndarray:
         return np.cumsum(x, axis=-1)

@@ -82,10 +82,16 @@ class KVPool:
         self.encoder_mask[slot] = 0
         self.encoder_mask[slot, :length] = mask[index]
 
-    def write_new(self, new_kv: list, rows: int) -> None:
-        """A step's new K/V (2 * layers arrays [rows, H, 1, hd]) at each row's position."""
+    def write_new(self, new_kv: Any, rows: int) -> None:
+        """A step's new K/V (2 * layers arrays [rows, H, 1, hd], or one array of them stacked
+        [2 * layers, rows, H, 1, hd]) at each row's position."""
         row_idx = self.ops.arange(rows)
         positions = self.past_lengths[:rows]
+        if not isinstance(new_kv, list):  # stacked: one indexed write for every layer
+            shape = (2 * self.layers, self.rows, self.heads, self.cache_len, self.head_dim)
+            flat = self.cache.reshape(shape)
+            flat[:, row_idx, :, positions] = new_kv[:, :, :, 0].transpose(1, 0, 2, 3)
+            return
         for j, array in enumerate(new_kv):
             self.cache[j // 2, j % 2, row_idx, :, positions] = array[:, :, 0]
 

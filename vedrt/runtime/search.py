@@ -20,6 +20,7 @@ import numpy as np
 from . import processors
 from .ops import gumbel
 from .options import PROMPT_LEN, GenerationOptions
+from .perimage import PerImage, counts
 
 BIG_NEG = -1.0e9
 
@@ -82,48 +83,7 @@ def mergeable(o: GenerationOptions) -> bool:
     return not (o.do_sample or o.output_scores or o.output_attentions or processors.build(o, None))
 
 
-class _Images:
-    """State kept per image (or per row) along axis 0, so searches of equal options can be
-    joined (`join`) and finished images forgotten (`keep` the others) while the others go on.
-    `lengths` [batch] is each image's current length on the host (the step it is at)."""
-
-    _per_image: tuple[str, ...] = ()
-    _per_row: tuple[str, ...] = ()
-
-    def join(self, other) -> None:
-        """Append the images of `other`, a search of the same options."""
-        ops = self.ops
-        for name in self._per_image + self._per_row:
-            setattr(self, name, ops.concat([getattr(self, name), getattr(other, name)], axis=0))
-        self.lengths = np.concatenate([self.lengths, other.lengths])
-        self.batch += other.batch
-        self.rows += other.rows
-
-    def keep(self, images: np.ndarray) -> None:
-        """Keep only `images` (host indices, in order) and forget the others, which finished:
-        the kept ones go on unchanged."""
-        per = self.rows_per_image
-        rows = (images[:, None] * per + np.arange(per)).reshape(-1)
-        index, row_index = self.ops.asarray(images), self.ops.asarray(rows)
-        for name in self._per_image:
-            setattr(self, name, getattr(self, name)[index])
-        for name in self._per_row:
-            setattr(self, name, getattr(self, name)[row_index])
-        self.lengths = self.lengths[images]
-        self.batch = len(images)
-        self.rows = len(rows)
-
-    @property
-    def cur_len(self) -> int:
-        """The length of every image; searches that apply processors are never joined, so
-        theirs is one length."""
-        return int(self.lengths.max())
-
-    def _length_of(self, images: slice) -> int:
-        return int(self.lengths[images].max())
-
-
-class GreedySearch(_Images):
+class GreedySearch(PerImage):
     """transformers' `_sample`: one row per image (times num_return_sequences when sampling)."""
 
     _per_row = ("seqs", "unfinished")
@@ -184,19 +144,22 @@ class GreedySearch(_Images):
     def stopped(self, members: list[slice]) -> list[bool]:
         """For each slice of the images: would a search over just those have stopped? (`step`'s
         test on their rows; one host copy for all of them)"""
-        over = self.lengths >= self.o.max_length
-        unfinished = self.ops.to_numpy(self.unfinished)
-        return [
-            bool(over[images].all()) or not unfinished[self._rows(images)].any()
-            for images in members
-        ]
+        over = counts(self.lengths >= self.o.max_length)
+        unfinished = counts(self.ops.to_numpy(self.unfinished))
+        stopped = []
+        for images in members:
+            start, stop, _ = images.indices(self.batch)
+            rows = self._rows(images)
+            all_over = over[stop] - over[start] == stop - start
+            stopped.append(all_over or unfinished[rows.stop] == unfinished[rows.start])
+        return stopped
 
     def _rows(self, images: slice) -> slice:
         start, stop, _ = images.indices(self.batch)
         return slice(start * self.rows_per_image, stop * self.rows_per_image)
 
 
-class BeamSearch(_Images):
+class BeamSearch(PerImage):
     """transformers' `_beam_search` (and beam sampling with `do_sample`), `[batch, beams, ...]`.
 
     Beam indices are kept relative to each image (0..beams-1), so images can be joined and
@@ -242,13 +205,21 @@ class BeamSearch(_Images):
         self.hits = ops.zeros((batch, self.k), ops.bool_)  # top-K candidates that stop
         self.top_mask = ops.zeros((self.k,), ops.bool_)
         self.top_mask[:nb] = True
+        self._aranges: dict[int, Any] = {}
 
     def first_tokens(self):
         return self.running_sequences[:, :, PROMPT_LEN - 1].reshape(-1)
 
     def _gather(self, x, idx):
         """transformers' `_gather_beams`: x[b, idx[b, j], ...] for `[batch, beams, ...]` arrays."""
-        return x[self.ops.arange(x.shape[0])[:, None], idx]
+        return x[self._arange(x.shape[0])[:, None], idx]
+
+    def _arange(self, n: int):
+        """ops.arange(n), made once per size: the search asks for the same few every step."""
+        cached = self._aranges.get(n)
+        if cached is None:
+            cached = self._aranges[n] = self.ops.arange(n)
+        return cached
 
     def step(self, logits, cross_attn: list | None = None, top: tuple | None = None) -> Advance:
         """`top`: the graph's (top_logprobs, top_ids) of these rows. With no processor active,
@@ -283,7 +254,7 @@ class BeamSearch(_Images):
         self._update_finished(cand_scores, cand_seqs, cand_indices)
         image, beam, at = self._at(nb)
         source = self.running_indices[image, beam, at - PROMPT_LEN]
-        source = source + ops.asarray(np.arange(self.batch)[:, None] * nb, ops.int32)
+        source = source + ops.astype(self._arange(self.batch)[:, None] * nb, ops.int32)
         tokens = self.running_sequences[image, beam, at].reshape(-1)
         self.lengths += 1
         self.improvable = self._early_stop_unsatisfied()
@@ -294,8 +265,8 @@ class BeamSearch(_Images):
         """Indices (image, beam, position) of each image's current position, for `width` beams
         or candidates: images may be at different lengths once searches are joined."""
         ops = self.ops
-        image = ops.arange(self.batch)[:, None]
-        return image, ops.arange(width)[None, :], ops.asarray(self.lengths)[:, None]
+        image = self._arange(self.batch)[:, None]
+        return image, self._arange(width)[None, :], ops.asarray(self.lengths)[:, None]
 
     def _per_image_scalar(self, values: np.ndarray):
         """[batch, 1] float32 of float64 host values: transformers divides by a Python float,
@@ -396,14 +367,19 @@ class BeamSearch(_Images):
         """For each slice of the images: would a search over just those have stopped? The same
         test as `_has_unfinished`, on per-image flags copied to the host once for all slices."""
         ops = self.ops
-        improvable = ops.to_numpy(self.improvable)[:, 0]
-        full = ops.to_numpy(ops.all(self.finished, axis=1))[:, 0]
-        hits = ops.to_numpy(ops.all(self.hits, axis=1))[:, 0]
+        improvable = counts(ops.to_numpy(self.improvable)[:, 0])
+        full = counts(ops.to_numpy(ops.all(self.finished, axis=1))[:, 0])
+        hits = counts(ops.to_numpy(ops.all(self.hits, axis=1))[:, 0])
         early = self.o.early_stopping is True
-        return [
-            not (improvable[s].any() and not (early and full[s].all()) and not hits[s].all())
-            for s in members
-        ]
+        stopped = []
+        for s in members:
+            start, stop, _ = s.indices(self.batch)
+            n = stop - start
+            any_improvable = improvable[stop] > improvable[start]
+            all_full = full[stop] - full[start] == n
+            all_hit = hits[stop] - hits[start] == n
+            stopped.append(not (any_improvable and not (early and all_full) and not all_hit))
+        return stopped
 
     def result(self, images: slice = slice(None)) -> GenerateOutput:
         """The best `num_return_sequences` per image, cropped to the longest generated one; for
