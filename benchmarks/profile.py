@@ -29,7 +29,11 @@ def _session(path: Path, threads: int, profile_prefix: str | None = None):
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from vedrt.runtime.executor import SKIP_LAYER_NORM  # as the runtime's sessions
+
+    return ort.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=SKIP_LAYER_NORM
+    )
 
 
 def split_generate(

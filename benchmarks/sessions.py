@@ -200,7 +200,11 @@ def _encoder_session(path: Path, threads: int, spinning: bool):
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from vedrt.runtime.executor import SKIP_LAYER_NORM  # as the runtime's sessions
+
+    return ort.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=SKIP_LAYER_NORM
+    )
 
 
 def encoder(export_dir: Path, rounds: int) -> dict[str, Any]:

@@ -22,9 +22,12 @@ def test_fp32_graphs_are_saved_fused_and_still_validate(exported):
     _, out = exported("vit", "gpt2")
     manifest = json.loads((out / "vedrt.json").read_text())
     fused = manifest["optimization"]["fused"]
-    assert fused["decoder"].get("SkipLayerNormalization", 0) > 0
-    assert fused["encoder"].get("SkipLayerNormalization", 0) > 0
-    assert "SkipLayerNormalization" in _op_types(out / "decoder.onnx")
+    assert fused["decoder"].get("LayerNormalization", 0) > 0
+    assert fused["encoder"].get("LayerNormalization", 0) > 0
+    assert "LayerNormalization" in _op_types(out / "decoder.onnx")
+    # ONNX Runtime's CPU SkipLayerNormalization is slower than Add + LayerNormalization
+    assert "SkipLayerNormalization" not in _op_types(out / "decoder.onnx")
+    assert "SkipLayerNormalization" not in _op_types(out / "encoder.onnx")
     assert manifest["precision"] == "fp32" and manifest["validation"]["passed"]
     assert manifest["validation"]["cached_step_max_abs_diff"] <= 1e-4
 

@@ -247,7 +247,7 @@ def test_build_engines_hands_each_graph_standardized(tmp_path: Path, monkeypatch
     assert set(handed) == set(GRAPHS) == set(report.engines)
     for graph in handed.values():
         assert_standard(onnx.load_from_string(graph.model_bytes))
-    assert handed["decoder"].rewritten.get("SkipLayerNormalization", 0) > 0
+    assert handed["decoder"].rewritten.get("FastGelu", 0) > 0
 
 
 def test_build_one_parses_the_standard_bytes(tmp_path: Path) -> None:

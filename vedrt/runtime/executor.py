@@ -21,6 +21,10 @@ from .ops import NUMPY
 from .pool import KVPool
 from .probe import check_positions
 
+# ONNX Runtime's load-time fusion of a residual Add + LayerNormalization into SkipLayerNormalization,
+# whose CPU kernel is 3-8x slower than the two ops (vedrt/export/optimize.py has the figures).
+SKIP_LAYER_NORM = ["SkipLayerNormFusion"]
+
 # The most encoder positions (images x positions per image) one CPU encoder call runs; see
 # `OrtExecutor.encode`. Measured flat per image up to ~1,600 (ViT-base 8 images, TrOCR-base 2).
 ENCODE_TOKENS = 1600
@@ -224,8 +228,12 @@ def _session(path, device: str, threads: int | None, arena: bool = True):
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         raise InputError(f"unknown device {device!r} (use 'cpu' or 'cuda')")
+    # ONNX Runtime would fuse Add + LayerNormalization back into its slower CPU kernel at load
+    disabled = SKIP_LAYER_NORM if device == "cpu" else None
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return ort.InferenceSession(
+            str(path), sess_options=options, providers=providers, disabled_optimizers=disabled
+        )
     except Exception as exc:  # ORT raises several types for unreadable models
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: corrupt or unreadable ONNX graph ({first[:200]})") from None
