@@ -85,7 +85,7 @@ class OrtExecutor:
         self.layers = manifest.num_layers
         self.device = device
         self.sessions = {
-            name: _session(path, device, threads, arena=name == "decoder")
+            name: _session(path, device, threads, per_step=name == "decoder")
             for name, path in manifest.graph_files.items()
         }
         self._check_decoder_io()
@@ -205,19 +205,26 @@ def ort_executor(manifest: Manifest, device: str = "cpu", threads: int | None = 
     return OrtExecutor(manifest, device=device, threads=threads)
 
 
-def _session(path, device: str, threads: int | None, arena: bool = True):
-    """`arena=False` for the graphs run once per admitted batch (encoder, cross K/V): ORT's CPU
-    arena would keep their largest batch's activations resident for the process's life (20 MB
-    of ViT-GPT2's fp32 peak RSS at batch 1, and it grows with the batch), and measured
-    here they run no slower without it (ViT-base encoder 289 vs 293 ms at batch 1, 2.10 vs 2.09 s
-    at batch 8, interleaved). The decoder keeps it: it runs every step on small buffers."""
+def _session(path, device: str, threads: int | None, per_step: bool = True):
+    """`per_step=False` for the graphs run once per admitted batch (encoder, cross K/V):
+    - no CPU arena: ONNX Runtime's arena would keep their largest batch's activations resident
+      for the process's life (20 MB of ViT-GPT2's fp32 peak RSS at batch 1, and it grows with
+      the batch), and measured here they run no slower without it (ViT-base encoder 289 vs 293
+      ms at batch 1, 2.10 vs 2.09 s at batch 8, interleaved);
+    - no thread spinning: each session has its own thread pool, and a pool left spinning after
+      its run takes the cores from the next graph's (the encoder's from the cross K/V, theirs
+      from the first decoder step). ViT-GPT2, 2 threads, interleaved: encoder + cross K/V 282-354
+      -> 223-245 ms, a beam-4 generation 746-826 -> 635-760 ms.
+    The decoder keeps both: it runs every step on small buffers, back to back."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = int(threads)
     options.log_severity_level = 3
-    options.enable_cpu_mem_arena = arena
+    options.enable_cpu_mem_arena = per_step
+    if not per_step:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if device == "cpu":
         providers = ["CPUExecutionProvider"]
     elif device == "cuda":
