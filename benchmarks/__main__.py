@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         "models": models,
     }
     paths = report.write(result, args.out, args.stem)
-    (args.out / "README-table.md").write_text(report.readme_table(result))
+    (args.out / "README-table.md").write_text(report.readme_table(result, stem=args.stem))
     print(report.markdown(result))
     log("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -199,7 +199,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def readme_table(report: dict, model_name: str = "vit-gpt2") -> str:
+def readme_table(report: dict, model_name: str = "vit-gpt2", stem: str = "results") -> str:
     """The short table for the project README: one row per backend and setting of one model."""
     lines = [
         "| ViT-base + GPT2-small, batch 1, 16 new tokens, 2 threads | tokens | beam 4 | greedy | peak RSS | load |",
@@ -240,7 +240,7 @@ def readme_table(report: dict, model_name: str = "vit-gpt2") -> str:
         f"{m['versions']['onnxruntime']}, torch {m['versions']['torch']}; p50 of {report['reps']} "
         f"interleaved runs, (speedup vs transformers, floor / p50) from the same run"
         + (f"; load average {load['start']:.1f}-{load['end']:.1f} (shared machine)" if load else "")
-        + ". Details: benchmarks/results/results.md.",
+        + f". Details: benchmarks/results/{stem}.md.",
     ]
     probed = report.get("roofline")
     if probed:
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args[0] if args else Path(__file__).parent / "results" / "results.json")
     report = json.loads(path.read_text())
     write(report, path.parent, path.stem)
-    (path.parent / "README-table.md").write_text(readme_table(report))
+    (path.parent / "README-table.md").write_text(readme_table(report, stem=path.stem))
     return 0
 
 
