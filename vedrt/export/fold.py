@@ -3,9 +3,9 @@
 TorchScript records `pixel_values.shape[2]` as `Shape -> Gather`, so everything derived from the
 image size is a run-time computation on an input with a dynamic batch axis, which neither the
 exporter nor ONNX Runtime can fold. BEiT's relative position bias is the large case: each layer
-rebuilds its bias table from the patch grid (Range, ScatterND, Resize, Gather: about 2,000 of the
-scene model's 2,400 encoder nodes, 0.6 ms of a 2.4 ms batch-1 encode); Swin's window padding and
-masks are others. With the symbolic shapes known, a `Shape` (or a `Gather` of one) whose dims are
+rebuilds its bias table from the patch grid (Range, ScatterND, Resize, Gather: about 1,500 of the
+scene model's 1,700 computing encoder nodes, 0.6 ms of a 2.5 ms batch-1 encode); Swin's window
+padding is another. With the symbolic shapes known, a `Shape` (or a `Gather` of one) whose dims are
 numbers becomes a constant, and the constant subgraphs it fed are evaluated once by ONNX Runtime's
 own kernels and stored as initializers: the same values, computed once at export.
 """
@@ -24,8 +24,6 @@ _NEVER = {
     "RandomUniformLike",
     "Multinomial",
 }
-# Identity is never folded: the tracer shares equal parameters (fresh LayerNorm weights) through
-# it, which ONNX Runtime resolves without a copy; folding it would store each copy again
 _BYTES = {1: 4, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 16: 2}  # ONNX element types the graphs use
 
 
@@ -114,7 +112,10 @@ def constant_subgraphs(model, shapes: dict, types: dict) -> int:
     known |= set(constants)
     inner = _read_in_subgraphs(graph)
     folded: dict[int, object] = {}
-    aliases: dict[int, object] = {}  # Identity of a constant: evaluated through, kept in place
+    # Identity of a constant is evaluated through but kept, never folded: the tracer shares equal
+    # parameters (fresh LayerNorm weights) through it, which ONNX Runtime resolves without a
+    # copy, and folding it would store each copy again
+    aliases: dict[int, object] = {}
     for index, node in enumerate(graph.node):
         if node.op_type == "Identity" and node.input[0] in known:
             aliases[index] = node
@@ -186,9 +187,9 @@ def constant_ifs(graph) -> int:
         branch = next(a.g for a in node.attribute if a.name == taken)
         nodes += list(branch.node)
         graph.initializer.extend(branch.initializer)
-        for inner, outer in zip(branch.output, node.output, strict=True):
+        for result, outer in zip(branch.output, node.output, strict=True):
             nodes.append(
-                helper.make_node("Identity", [inner.name], [outer], f"{node.name}/{taken}")
+                helper.make_node("Identity", [result.name], [outer], f"{node.name}/{taken}")
             )
         done += 1
     del graph.node[:]
