@@ -27,7 +27,9 @@ class EncodeAhead:
         self.limit = limit
         # most images per encoder run: a request arriving during a run waits for it, so
         # smaller runs cut the tail; on the scene model, closed loop at 16 clients, 8 gave
-        # 318 img/s and p99 92 ms, 32 gave 317 and 105 ms, 4 gave 277 and 82 ms
+        # 318 img/s and p99 92 ms, 32 gave 317 and 105 ms, 4 gave 277 and 82 ms. With the
+        # encoder folded at export (2026-12-06: batch 1 1.9 ms, batch 8 1.7 ms an image) 2, 4
+        # and 8 are within the run-to-run noise at 4, 8 and 16 clients (benchmarks.serve)
         self.round_images = min(limit, 8)
         self.encoded_rows = 0  # rows of the requests encoded, not yet admitted (under the lock)
         self._stopping = False
@@ -37,7 +39,7 @@ class EncodeAhead:
     def _pending(self) -> list[Handle]:
         """Waiting requests to encode now, first in first out, within the budget. While the
         rows are full and enough is encoded to fill the ones that free up, wait for a whole
-        round: one image at a time costs the encoder nearly twice as much per image."""
+        round: one image at a time costs the encoder more per image (scene model: 1.9 vs 1.7 ms)."""
         # an idle decoder gets its first request as soon as one is encoded; the rest follow
         idle = not self.engine.active_rows and not self.encoded_rows
         round_images = 1 if idle else self.round_images
