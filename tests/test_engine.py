@@ -179,6 +179,35 @@ def test_requests_admitted_together_share_one_search(options):
 
 
 @pytest.mark.runtime
+def test_groups_read_their_slots_in_place_until_a_request_leaves():
+    """Requests admitted together: group g reads slot g, so the decoder gets the pool's slots in
+    place (no copy of any image's K/V). After the first leaves, the others' slots (1, 2) are no
+    longer groups (0, 1): their K/V are gathered once for that layout, and every result is still
+    exactly its solo one."""
+    generator = load(SCENES)
+    images = generator.preprocess(sorted(EXAMPLES.glob("*.png"))[:3])
+    engine = generator.engine(max_rows=32)
+    options = [
+        {"num_beams": 4, "max_new_tokens": 1},
+        {"num_beams": 4},
+        {"num_beams": 4, "length_penalty": 0.5},
+    ]
+    handles = [engine.submit(images[i : i + 1], **o) for i, o in enumerate(options)]
+    engine.step()
+    pool = engine.pool
+    assert pool.in_place and pool.group_cross is None
+    while not handles[0].done():
+        engine.step()
+    engine.step()
+    assert not pool.in_place and pool.group_slots[:2].tolist() == [1, 2]
+    np.testing.assert_array_equal(pool.group_cross[:, :2], pool.cross[:, 1:3])
+    while not engine.idle():
+        engine.step()
+    for i, (handle, o) in enumerate(zip(handles, options, strict=True)):
+        assert_equals_solo(generator, images[i : i + 1], o, handle.result())
+
+
+@pytest.mark.runtime
 @pytest.mark.parametrize(
     "options",
     [{}, {"num_beams": 4}, {"num_beams": 3, "return_dict": True, "length_penalty": 0.7}],

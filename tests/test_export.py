@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,8 +123,10 @@ def test_what_the_image_size_fixes_is_folded_at_export(exported, encoder):
 
 
 def test_cross_kv_is_shared_by_beams_not_expanded(exported):
-    """The decoder takes cross K/V per image slot while its tokens are batch*beams rows, in
-    groups that each read one slot (`group_slots`)."""
+    """The decoder takes cross K/V per group of rows (an image's beams) while its tokens are
+    batch*beams rows: each image's K/V are read by its beams, never expanded per row, and no
+    slot index is applied inside the step (the pool hands its slots in place or gathers once,
+    `KVPool.set_groups`)."""
     import onnxruntime as ort
 
     _, out = exported("vit", "gpt2")
@@ -139,7 +142,6 @@ def test_cross_kv_is_shared_by_beams_not_expanded(exported):
     feed = {
         "input_ids": np.full((6, 1), 1, dtype=np.int64),
         "past_lengths": np.zeros(6, dtype=np.int64),
-        "group_slots": np.array([0, 1], dtype=np.int64),
         "encoder_mask": np.ones((2, states.shape[1]), dtype=np.int64),
     }
     for i in range(2):
@@ -150,7 +152,12 @@ def test_cross_kv_is_shared_by_beams_not_expanded(exported):
     # the three beams of one image see the same image and the same token: identical rows
     np.testing.assert_allclose(logits[0], logits[2], atol=1e-6)
     assert np.abs(logits[0] - logits[3]).max() > 1e-4  # the other image differs
-    feed["group_slots"] = np.array([1, 0], dtype=np.int64)  # the groups read the other slots
+    assert "group_slots" not in {i.name for i in dec.get_inputs()}
+    for i in range(2):  # the groups given each other's images
+        feed[f"cross_key.{i}"], feed[f"cross_value.{i}"] = (
+            cross[2 * i][::-1],
+            cross[2 * i + 1][::-1],
+        )
     swapped = dec.run(["logits"], feed)[0]
     np.testing.assert_allclose(swapped[:3], logits[3:], atol=1e-6)
 
@@ -307,3 +314,50 @@ def test_tokenizer_and_processor_travel_with_the_export(tmp_path):
     assert Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json")).encode("a b").ids == [3, 4]
     processor = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
     assert processor["image_mean"] == [0.1, 0.2, 0.3]
+
+
+def test_exports_that_gather_in_the_graph_still_run(tmp_path):
+    """Exports before 2026-12-06 took the whole slot pool and `group_slots` and gathered each
+    group's cross K/V inside the decoder graph. Such a graph (made here from the shipped scene
+    model's by putting that gather back) still loads and gives the same sequences."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vedrt.runtime import load
+
+    scenes = Path(__file__).resolve().parents[1] / "vedrt" / "models" / "scenes"
+    old = tmp_path / "old"
+    shutil.copytree(scenes, old)
+    model = onnx.load(str(scenes / "decoder.onnx"))
+    graph = model.graph
+    pooled = [
+        i.name for i in graph.input if i.name.startswith("cross_") or i.name == "encoder_mask"
+    ]
+    for node in graph.node:
+        node.input[:] = [f"{name}/grouped" if name in pooled else name for name in node.input]
+    gathers = [helper.make_node("Gather", [n, "group_slots"], [f"{n}/grouped"]) for n in pooled]
+    for gather in reversed(gathers):
+        graph.node.insert(0, gather)
+    for value in graph.input:
+        if value.name in pooled:
+            value.type.tensor_type.shape.dim[0].dim_param = "slots"
+    graph.input.append(helper.make_tensor_value_info("group_slots", TensorProto.INT64, ["groups"]))
+    (old / "decoder.onnx.data").unlink()
+    onnx.save(model, str(old / "decoder.onnx"), save_as_external_data=True,
+              location="decoder.onnx.data")  # fmt: skip
+    manifest = json.loads((old / "vedrt.json").read_text())
+    manifest["graphs"]["decoder"]["inputs"].append(
+        {"name": "group_slots", "dtype": "int64", "shape": ["groups"]}
+    )
+    (old / "vedrt.json").write_text(json.dumps(manifest))
+
+    new_gen, old_gen = load(scenes, threads=1), load(old, threads=1)
+    assert old_gen.executor.gathers_in_graph and not new_gen.executor.gathers_in_graph
+    assert old_gen.manifest.gathers_in_graph
+    images = new_gen.preprocess(sorted((scenes.parents[2] / "examples").glob("*.png")))
+    for options in ({"num_beams": 4}, {}):
+        np.testing.assert_array_equal(
+            old_gen.generate(images, **options), new_gen.generate(images, **options)
+        )

@@ -45,6 +45,13 @@ class Manifest:
     graph_files: dict[str, Path]
     raw: dict[str, Any] = field(repr=False)
 
+    @property
+    def gathers_in_graph(self) -> bool:
+        """An export from before 2026-12-06: its decoder takes the whole slot pool and a
+        `group_slots` index and gathers each group's cross K/V itself, every step."""
+        inputs = self.raw.get("graphs", {}).get("decoder", {}).get("inputs", [])
+        return any(isinstance(i, dict) and i.get("name") == "group_slots" for i in inputs)
+
     def generation_defaults(self) -> dict[str, Any]:
         """The checkpoint's generation config, with the special ids filled in where it lacks them."""
         config = {k: v for k, v in self.special_tokens.items() if v is not None}

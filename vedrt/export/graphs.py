@@ -54,8 +54,8 @@ def graph_specs(
         for i in range(layers)
         for kv in ("key", "value")
     )
-    cross_pool = tuple(
-        TensorSpec(f"cross_{kv}.{i}", f32, ("slots", heads, enc_len, hd))
+    cross_groups = tuple(
+        TensorSpec(f"cross_{kv}.{i}", f32, ("groups", heads, enc_len, hd))
         for i in range(layers)
         for kv in ("key", "value")
     )
@@ -90,9 +90,8 @@ def graph_specs(
                 TensorSpec("input_ids", "int64", ("batch_beams", 1)),  # one token per step
                 TensorSpec("past_lengths", "int64", ("batch_beams",)),
                 *cache,
-                *cross_pool,
-                TensorSpec("group_slots", "int64", ("groups",)),
-                TensorSpec("encoder_mask", "int64", ("slots", enc_len)),
+                *cross_groups,
+                TensorSpec("encoder_mask", "int64", ("groups", enc_len)),
             ),
             (
                 TensorSpec("logits", f32, ("batch_beams", vocab)),
@@ -113,14 +112,13 @@ def _dynamic(spec: TensorSpec) -> dict[int, torch.export.Dim] | None:
 def _dynamo(module, args: tuple, spec: GraphSpec, opset: int) -> onnx.ModelProto:
     flat_inputs = list(spec.inputs)
     if isinstance(module, DecoderStep):
-        # its forward takes (ids, past_lengths, cache list, cross list, group_slots, encoder_mask)
-        n_cache = (len(flat_inputs) - 4) // 2
+        # its forward takes (ids, past_lengths, cache list, cross list, encoder_mask)
+        n_cache = (len(flat_inputs) - 3) // 2
         dyn = (
             _dynamic(flat_inputs[0]),
             _dynamic(flat_inputs[1]),
             [_dynamic(s) for s in flat_inputs[2 : 2 + n_cache]],
             [_dynamic(s) for s in flat_inputs[2 + n_cache : 2 + 2 * n_cache]],
-            _dynamic(flat_inputs[-2]),
             _dynamic(flat_inputs[-1]),
         )
     else:
@@ -231,14 +229,13 @@ def export_graphs(
     progress("cross_kv.onnx")
     _export(cross_kv, (states.contiguous(),), specs["cross_kv"], out_dir / "cross_kv.onnx", opset)
     progress("decoder.onnx")
-    rows, slots = ids.shape[0], encoder_in[0].shape[0]
+    rows, groups = ids.shape[0], encoder_in[0].shape[0]
     args = (
         ids[:, :1].contiguous(),
         torch.arange(2, 2 + rows, dtype=torch.int64) % 3,  # rows at different positions
         list(cache),
-        [c.contiguous() for c in cross],
-        torch.arange(slots, dtype=torch.int64).flip(0),  # groups read slots in another order
-        torch.ones(slots, states.shape[1], dtype=torch.int64),
+        [c.contiguous() for c in cross],  # one image per group
+        torch.ones(groups, states.shape[1], dtype=torch.int64),
     )
     _export(step, args, specs["decoder"], out_dir / "decoder.onnx", opset)
     return specs

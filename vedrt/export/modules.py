@@ -8,9 +8,12 @@ re-express the decoder as one KV-cached step that transformers' own code cannot 
   different requests sit at different positions, and static-shape engines work); the step
   returns only its new keys/values, which the caller writes in by position;
 - the cross-attention keys/values are computed once per image (`CrossKV`) into a pool of image
-  slots; rows come in equal-size groups and `group_slots[g]` names the slot group g reads, so an
-  image's beams share its K/V, which are never expanded per row or reordered. `encoder_mask`
-  [slots, enc_len] masks padding of encoder states shorter than the slot (text encoders);
+  slots; rows come in equal-size groups, each reading one image's K/V `[groups, H, S, hd]`, so
+  an image's beams share its K/V, which are never expanded per row or reordered. The caller
+  hands the pool's slots in place when group g is slot g (one request, a batch admitted
+  together), else the groups' K/V gathered once per layout (`KVPool.set_groups`): the step
+  itself copies none. `encoder_mask` [groups, enc_len] masks padding of encoder states shorter
+  than the slot (text encoders);
 - a step is one new token per row (the prompt is the start token alone), and the module is
   written for exactly that: head splits and merges are reshapes to constant shapes with no
   transpose (with one token, `[N, 1, H, hd]` and `[N, H, 1, hd]` hold the same order), the new
@@ -130,8 +133,7 @@ class DecoderStep(nn.Module):
     """One decoder step over a preallocated self-attention cache; see the module docstring.
 
     forward(input_ids [N,1], past_lengths [N], self_cache (k0, v0, k1, v1, ...) each [N,H,L,hd],
-            cross (k0, v0, ...) each [slots,H,S,hd], group_slots [G] (N = G * rows per group),
-            encoder_mask [slots,S]) ->
+            cross (k0, v0, ...) each [G,H,S,hd] (N = G * rows per group), encoder_mask [G,S]) ->
         (logits [N,V], new k0, new v0, ... [N,H,1,hd], cross_attn0, ... [N,H,1,S],
          top_logprobs [N,K] float32, top_ids [N,K]: the best K of log_softmax(logits), best first)
     """
@@ -232,7 +234,7 @@ class DecoderStep(nn.Module):
     def cross_attention(self, block, x, cross_k, cross_v, cross_bias, scale):
         """Rows come in groups of equal size, each group reading one image slot's K/V.
 
-        `cross_k` is the pool [slots, H, S, hd] already gathered to the groups ([G, H, S, hd]);
+        `cross_k` is each group's image K/V ([G, H, S, hd]);
         folding a group's rows into the query length makes one batched product per group, so
         the beams of an image read its keys and values once and they are never copied per row.
         """
@@ -284,19 +286,19 @@ class DecoderStep(nn.Module):
         logits = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
         return logits + self.head_bias if self.head_bias is not None else logits
 
-    def masks(self, past_lengths, cache_len: int, group_slots, encoder_mask, dtype):
+    def masks(self, past_lengths, cache_len: int, encoder_mask, dtype):
         """Built once per step, shared by every layer: which cache positions each row has not
         filled yet ([N,1,1,L] bool), and the additive cross-attention bias of each group's image
-        slot ([G,1,1,S], transformers' `(1 - mask) * finfo.min`)."""
+        ([G,1,1,S], transformers' `(1 - mask) * finfo.min`)."""
         positions = torch.arange(cache_len, device=past_lengths.device).unsqueeze(0)
         past_masked = (positions >= past_lengths.unsqueeze(1))[:, None, None, :]
-        keep = encoder_mask.index_select(0, group_slots).to(dtype)
+        keep = encoder_mask.to(dtype)
         cross_bias = ((1.0 - keep) * torch.finfo(dtype).min)[:, None, None, :]
         return past_masked, cross_bias
 
-    def forward(self, input_ids, past_lengths, self_cache, cross, group_slots, encoder_mask):
+    def forward(self, input_ids, past_lengths, self_cache, cross, encoder_mask):
         x = self.embed(input_ids, past_lengths)
-        masks = self.masks(past_lengths, self_cache[0].shape[2], group_slots, encoder_mask, x.dtype)
+        masks = self.masks(past_lengths, self_cache[0].shape[2], encoder_mask, x.dtype)
         new_kv, attn = [], []
         for i, block in enumerate(self.blocks):
             x, k, v, probs = self.block_forward(
@@ -306,8 +308,8 @@ class DecoderStep(nn.Module):
                 masks,
                 self_cache[2 * i],
                 self_cache[2 * i + 1],
-                cross[2 * i].index_select(0, group_slots),
-                cross[2 * i + 1].index_select(0, group_slots),
+                cross[2 * i],
+                cross[2 * i + 1],
             )
             new_kv += [k, v]
             attn.append(probs)

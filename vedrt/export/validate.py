@@ -81,7 +81,7 @@ def validate_export(model, out_dir: Path, start_token: int) -> Validation:
     order = list(range(batch))[::-1]  # images in slots out of order: the slot index is used
     for index, slot in enumerate(order):
         pool.put_image(slot, encoded.cross, encoded.mask, index)
-    pool.group_slots[:batch] = order
+    pool.set_groups(order)  # the groups' K/V gathered, as an engine does after a request leaves
     logits = []
     for step in range(steps):
         pool.input_ids[:rows, 0] = ids[:, step].numpy()

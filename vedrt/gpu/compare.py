@@ -41,7 +41,7 @@ def first_step_logits(generator: Any, pixel_values: np.ndarray) -> np.ndarray:
         pool.put_image(i, encoded.cross, encoded.mask, i)
     pool.input_ids[:batch, 0] = generator.options().decoder_start_token_id
     pool.past_lengths[:batch] = 0
-    pool.group_slots[:batch] = ops.arange(batch)
+    pool.set_groups(list(range(batch)))
     logits = executor.decode(pool, batch, batch).logits
     return ops.to_numpy(ops.astype(logits, ops.float32))
 

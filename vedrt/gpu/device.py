@@ -17,27 +17,33 @@ def to_device(pixel_values: np.ndarray, device: torch.device, dtype: torch.dtype
 
 
 def step_tensors(
-    pool: KVPool, rows: int, groups: int, vocab: int, top_k: int
+    pool: KVPool, rows: int, groups: int, vocab: int, top_k: int, gathers_in_graph: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The decoder graph's inputs (views of the pool) and outputs (allocated once per pool
-    buffer and row layout, so engines bound by address need no rebinding), by graph name."""
-    key = ("tensors", pool.version, rows, groups)
+    buffer and row layout, so engines bound by address need no rebinding), by graph name.
+    `gathers_in_graph`: an older export's decoder, which takes the slot pool and `group_slots`."""
+    key = ("tensors", pool.version, rows, groups, pool.in_place)
     found = pool.bindings.get(key)
     if found is not None:
         return found
     layers, heads, head_dim = pool.layers, pool.heads, pool.head_dim
+    if gathers_in_graph:
+        cross, mask = list(pool.cross), pool.encoder_mask
+    else:
+        cross, mask = pool.group_inputs(groups)  # each group's image K/V (`KVPool.set_groups`)
     inputs = {
         "input_ids": pool.input_ids[:rows],
         "past_lengths": pool.past_lengths[:rows],
-        "group_slots": pool.group_slots[:groups],
-        "encoder_mask": pool.encoder_mask,
+        "encoder_mask": mask,
     }
+    if gathers_in_graph:
+        inputs["group_slots"] = pool.group_slots[:groups]
     device = pool.cache.device
     outputs = {"logits": torch.empty((rows, vocab), dtype=pool.dtype, device=device)}
     for i in range(layers):
         for j, kv in enumerate(("key", "value")):
             inputs[f"self_{kv}.{i}"] = pool.cache[i, j, :rows]
-            inputs[f"cross_{kv}.{i}"] = pool.cross[2 * i + j]
+            inputs[f"cross_{kv}.{i}"] = cross[2 * i + j]
             outputs[f"new_{kv}.{i}"] = torch.empty(
                 (rows, heads, 1, head_dim), dtype=pool.dtype, device=device
             )

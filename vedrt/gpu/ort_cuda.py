@@ -92,6 +92,8 @@ class OrtCudaExecutor:
     def decode(
         self, pool: KVPool, rows: int, groups: int, want_attentions: bool = False
     ) -> StepOutput:
-        inputs, outputs = step_tensors(pool, rows, groups, self.m.vocab_size, self.m.top_k)
+        inputs, outputs = step_tensors(
+            pool, rows, groups, self.m.vocab_size, self.m.top_k, self.m.gathers_in_graph
+        )
         self._run("decoder", inputs, outputs)
         return finish_step(pool, rows, outputs, want_attentions)

@@ -80,22 +80,15 @@ class TorchExecutor:
         """One step over the pool's first rows, then its new K/V written at each row's
         position (device tensors only, so the whole of it can be captured)."""
         views = [pool.cache[i, j, :rows] for i in range(self.layers) for j in range(2)]
-        cross = [pool.cross[j] for j in range(2 * self.layers)]
-        out = self.step(
-            pool.input_ids[:rows],
-            pool.past_lengths[:rows],
-            views,
-            cross,
-            pool.group_slots[:groups],
-            pool.encoder_mask,
-        )
+        cross, mask = pool.group_inputs(groups)
+        out = self.step(pool.input_ids[:rows], pool.past_lengths[:rows], views, cross, mask)
         n = 2 * self.layers
         pool.write_new(list(out[1 : 1 + n]), rows)
         return out[0], out[1 + n : 1 + n + self.layers], out[-2:]
 
     def _graph(self, pool: KVPool, rows: int, groups: int) -> _StepGraph:
         """The captured step for this pool buffer and row layout, built once."""
-        key = ("cuda_graph", pool.version, rows, groups)
+        key = ("cuda_graph", pool.version, rows, groups, pool.in_place)
         graph = pool.bindings.get(key)
         if graph is None:
             if self._graph_pool is None:

@@ -72,7 +72,8 @@ class Executor(Protocol):
         self, pool: KVPool, rows: int, groups: int, want_attentions: bool = False
     ) -> StepOutput:
         """One step over rows [0, rows) of `pool` (inputs already in its step buffers; rows in
-        `groups` equal groups reading `pool.group_slots[:groups]`), new K/V written in place."""
+        `groups` equal groups reading the K/V `pool.group_inputs(groups)` gives for the layout
+        `pool.set_groups` made), new K/V written in place."""
 
 
 class OrtExecutor:
@@ -94,7 +95,9 @@ class OrtExecutor:
     def _check_decoder_io(self) -> None:
         session = self.sessions["decoder"]
         have = {i.name for i in session.get_inputs()} | {o.name for o in session.get_outputs()}
-        need = {"input_ids", "past_lengths", "group_slots", "encoder_mask", "logits", "top_ids"}
+        # exports before 2026-12-06 gather each group's cross K/V in the graph, every step
+        self.gathers_in_graph = "group_slots" in have
+        need = {"input_ids", "past_lengths", "encoder_mask", "logits", "top_ids"}
         for i in range(self.layers):
             need |= {
                 f"self_key.{i}",
@@ -159,12 +162,16 @@ class OrtExecutor:
         io = self.sessions["decoder"].io_binding()
         io.bind_ortvalue_input("input_ids", value(pool.input_ids[:rows]))
         io.bind_ortvalue_input("past_lengths", value(pool.past_lengths[:rows]))
-        io.bind_ortvalue_input("group_slots", value(pool.group_slots[:groups]))
-        io.bind_ortvalue_input("encoder_mask", value(pool.encoder_mask))
+        if self.gathers_in_graph:
+            io.bind_ortvalue_input("group_slots", value(pool.group_slots[:groups]))
+            cross, mask = list(pool.cross), pool.encoder_mask
+        else:
+            cross, mask = pool.group_inputs(groups)
+        io.bind_ortvalue_input("encoder_mask", value(mask))
         for i in range(self.layers):
             for j, kv in enumerate(("key", "value")):
                 io.bind_ortvalue_input(f"self_{kv}.{i}", value(pool.cache[i, j, :rows]))
-                io.bind_ortvalue_input(f"cross_{kv}.{i}", value(pool.cross[2 * i + j]))
+                io.bind_ortvalue_input(f"cross_{kv}.{i}", value(cross[2 * i + j]))
         h, d = self.m.num_heads, self.m.head_dim
         outputs = {"logits": np.empty((rows, self.m.vocab_size), np.float32)}
         # every layer's new K/V in one array, so the pool writes them with one indexed copy
@@ -181,13 +188,13 @@ class OrtExecutor:
             io.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         if len(pool.bindings) > 16:  # bindings of sizes met long ago
             pool.bindings.clear()
-        pool.bindings[(pool.version, rows, groups)] = (io, outputs)
+        pool.bindings[(pool.version, rows, groups, pool.in_place)] = (io, outputs)
         return io, outputs
 
     def decode(
         self, pool: KVPool, rows: int, groups: int, want_attentions: bool = False
     ) -> StepOutput:
-        bound = pool.bindings.get((pool.version, rows, groups))
+        bound = pool.bindings.get((pool.version, rows, groups, pool.in_place))
         io, outputs = bound if bound is not None else self._bind(pool, rows, groups)
         self.sessions["decoder"].run_with_iobinding(io)
         pool.write_new(outputs["new_kv"], rows)

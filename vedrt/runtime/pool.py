@@ -8,7 +8,10 @@ device) and written over `ops`, so every backend shares this code:
   written at each row's own position; a beam reorder copies rows within a request's range.
 - `cross` `[2 * layers, slots, heads, enc_len, head_dim]`: an image's K/V, computed once when it
   is admitted, and the `encoder_mask` `[slots, enc_len]` of its valid encoder positions.
-- the step inputs `input_ids`, `past_lengths`, `group_slots`, whose prefixes the graph reads.
+- the step inputs `input_ids`, `past_lengths`, whose prefixes the graph reads, and the groups'
+  cross K/V (`set_groups`, `group_inputs`): the slots themselves, in place, when group g reads
+  slot g; else the groups' K/V gathered once per layout into `group_cross` (a copy the decoder
+  graph used to make on every step).
 Pools grow (more positions, more slots) by reallocation and copy; the engine asks for sizes it
 knows are needed, so a steady state allocates nothing.
 """
@@ -45,6 +48,9 @@ class KVPool:
         self.input_ids = ops.zeros((rows, 1), ops.int64)
         self.past_lengths = ops.zeros((rows,), ops.int64)
         self.group_slots = ops.zeros((rows,), ops.int64)
+        self.in_place = True  # do the groups read slots 0..G-1 in order (`set_groups`)
+        self.group_cross: Any = None  # [2 * layers, G, heads, enc_len, head_dim] when gathered
+        self.group_mask: Any = None
 
     def _new_cache(self, rows: int, cache_len: int):
         # zeros, not empty: masked positions are multiplied by a probability of exactly 0, and
@@ -72,7 +78,37 @@ class KVPool:
             mask[: self.slots, : self.enc_len] = self.encoder_mask
             self.cross, self.encoder_mask = cross, mask
             self.slots, self.enc_len = slots, enc_len
+            self.group_cross = self.group_mask = None  # sized for the old encoder length
             self.version += 1
+
+    def set_groups(self, slots: list[int]) -> int:
+        """Group g reads image slot `slots[g]`; returns the group count. Call it after the
+        images are in their slots and before the step. Groups that are the first slots in order
+        read them in place; otherwise their K/V are gathered here, once for this layout."""
+        ops, count = self.ops, len(slots)
+        self.group_slots[:count] = ops.asarray(slots, ops.int64)
+        self.in_place = list(slots) == list(range(count))
+        if self.in_place:
+            return count
+        if self.group_cross is None or self.group_cross.shape[1] < count:
+            shape = (2 * self.layers, count, self.heads, self.enc_len, self.head_dim)
+            self.group_cross = ops.zeros(shape, self.dtype)
+            self.group_mask = ops.zeros((count, self.enc_len), ops.int64)
+            self.version += 1  # what is bound to the old buffers must be bound again
+        index = self.group_slots[:count]
+        self.group_cross[:, :count] = self.cross[:, index]
+        self.group_mask[:count] = self.encoder_mask[index]
+        return count
+
+    def group_inputs(self, groups: int) -> tuple[list, Any]:
+        """The decoder's `cross_key.i` / `cross_value.i` ([groups, H, S, hd], k0, v0, k1, ...)
+        and `encoder_mask` ([groups, S]) for the layout `set_groups` made."""
+        cross, mask = (
+            (self.cross, self.encoder_mask)
+            if self.in_place
+            else (self.group_cross, self.group_mask)
+        )
+        return [cross[j, :groups] for j in range(2 * self.layers)], mask[:groups]
 
     def put_image(self, slot: int, cross: list, mask: Any, index: int) -> None:
         """Image `index` of an encoded batch (2 * layers arrays [b, H, S, hd]) into `slot`."""

@@ -128,6 +128,5 @@ class Rows:
         for a in self.active:
             for slot in a.slots:
                 slots += [slot] * (a.search.rows_per_image // size)
-        self.pool.group_slots[: len(slots)] = self.ops.asarray(slots, self.ops.int64)
-        self.groups = len(slots)
+        self.groups = self.pool.set_groups(slots)
         return self.groups

@@ -136,7 +136,9 @@ class TrtExecutor:
     def decode(
         self, pool: KVPool, rows: int, groups: int, want_attentions: bool = False
     ) -> StepOutput:
-        inputs, outputs = step_tensors(pool, rows, groups, self.m.vocab_size, self.m.top_k)
+        inputs, outputs = step_tensors(
+            pool, rows, groups, self.m.vocab_size, self.m.top_k, self.m.gathers_in_graph
+        )
         self.engines["decoder"].run(inputs, outputs)
         return finish_step(pool, rows, outputs, want_attentions)
 
