@@ -6,8 +6,8 @@ enabled: LayerNorm, Gelu, FastGelu (GPT-2's tanh form, which is its exact formul
 adds folded into them. SkipLayerNorm (residual add + LayerNorm) is off, here and in the runtime's
 CPU sessions (`SKIP_LAYER_NORM`): ONNX Runtime 1.32's CPU kernel for it is 3-8x slower than the
 Add and LayerNormalization it replaces (measured: 340 vs 58 us at [8, 65, 128], 778 vs 100 us at
-ViT-base's [1, 197, 768], 21 vs 8 us at a GPT-2 step's [4, 1, 768]; 1 thread). Attention and embedding fusions
-are off: ours read a preallocated cache through `past_length` and compute positions from it,
+ViT-base's [1, 197, 768], 21 vs 8 us at a GPT-2 step's [4, 1, 768]; 1 thread). Attention and
+embedding fusions are off: ours read a preallocated cache through `past_length` and compute positions from it,
 which those kernels do not; the Gelu approximation is off because it changes results. The fused
 ops are ONNX Runtime contrib ops (CPU and CUDA kernels), listed in the manifest.
 
@@ -153,7 +153,15 @@ def simplify_graph(path: Path) -> dict[str, int]:
     stats = Counter(
         GemmToMatMul=_unwrap_gemms(graph, shapes), ConstReshape=_const_reshapes(graph, shapes)
     )
-    for _ in range(3):  # a folded padding gives the next shapes numbers (Swin): fold again
+    for round_ in range(3):
+        if round_:  # a folded padding gave the next shapes numbers (Swin): infer, fold again
+            del graph.value_info[:]
+            try:
+                inferred = _infer(inferred)
+            except Exception:  # keep what is folded so far
+                break
+            graph = inferred.graph
+            shapes, types = _shapes(graph)
         shaped = fold.static_shapes(graph, shapes)
         stats["StaticShape"] += shaped
         stats["ConstantFolded"] += fold.constant_subgraphs(inferred, shapes, types)
@@ -162,13 +170,6 @@ def simplify_graph(path: Path) -> dict[str, int]:
         stats["NodesRemoved"] += prune(graph)
         if not shaped:
             break
-        del graph.value_info[:]
-        try:
-            inferred = _infer(inferred)
-        except Exception:  # keep what is folded so far
-            break
-        graph = inferred.graph
-        shapes, types = _shapes(graph)
     del graph.value_info[:]  # symbolic names such as "batch_beams*new_len" are not for ORT
     onnx.save(inferred, str(path))
     return {k: v for k, v in stats.items() if v}

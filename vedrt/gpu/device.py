@@ -27,23 +27,16 @@ def step_tensors(
     if found is not None:
         return found
     layers, heads, head_dim = pool.layers, pool.heads, pool.head_dim
-    if gathers_in_graph:
-        cross, mask = list(pool.cross), pool.encoder_mask
-    else:
-        cross, mask = pool.group_inputs(groups)  # each group's image K/V (`KVPool.set_groups`)
     inputs = {
         "input_ids": pool.input_ids[:rows],
         "past_lengths": pool.past_lengths[:rows],
-        "encoder_mask": mask,
+        **pool.cross_inputs(groups, gathers_in_graph),  # each group's K/V (`KVPool.set_groups`)
     }
-    if gathers_in_graph:
-        inputs["group_slots"] = pool.group_slots[:groups]
     device = pool.cache.device
     outputs = {"logits": torch.empty((rows, vocab), dtype=pool.dtype, device=device)}
     for i in range(layers):
         for j, kv in enumerate(("key", "value")):
             inputs[f"self_{kv}.{i}"] = pool.cache[i, j, :rows]
-            inputs[f"cross_{kv}.{i}"] = cross[2 * i + j]
             outputs[f"new_{kv}.{i}"] = torch.empty(
                 (rows, heads, 1, head_dim), dtype=pool.dtype, device=device
             )

@@ -162,16 +162,11 @@ class OrtExecutor:
         io = self.sessions["decoder"].io_binding()
         io.bind_ortvalue_input("input_ids", value(pool.input_ids[:rows]))
         io.bind_ortvalue_input("past_lengths", value(pool.past_lengths[:rows]))
-        if self.gathers_in_graph:
-            io.bind_ortvalue_input("group_slots", value(pool.group_slots[:groups]))
-            cross, mask = list(pool.cross), pool.encoder_mask
-        else:
-            cross, mask = pool.group_inputs(groups)
-        io.bind_ortvalue_input("encoder_mask", value(mask))
+        for name, array in pool.cross_inputs(groups, self.gathers_in_graph).items():
+            io.bind_ortvalue_input(name, value(array))
         for i in range(self.layers):
             for j, kv in enumerate(("key", "value")):
                 io.bind_ortvalue_input(f"self_{kv}.{i}", value(pool.cache[i, j, :rows]))
-                io.bind_ortvalue_input(f"cross_{kv}.{i}", value(cross[2 * i + j]))
         h, d = self.m.num_heads, self.m.head_dim
         outputs = {"logits": np.empty((rows, self.m.vocab_size), np.float32)}
         # every layer's new K/V in one array, so the pool writes them with one indexed copy

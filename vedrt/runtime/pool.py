@@ -110,6 +110,21 @@ class KVPool:
         )
         return [cross[j, :groups] for j in range(2 * self.layers)], mask[:groups]
 
+    def cross_inputs(self, groups: int, gathers_in_graph: bool = False) -> dict[str, Any]:
+        """The decoder graph's cross-attention inputs by name: each group's K/V and mask, or,
+        for an export from before 2026-12-06 (`gathers_in_graph`), the whole slot pool and
+        `group_slots`, which such a graph gathers from itself on every step."""
+        if gathers_in_graph:
+            cross, mask = list(self.cross), self.encoder_mask
+            named = {"group_slots": self.group_slots[:groups]}
+        else:
+            cross, mask = self.group_inputs(groups)
+            named = {}
+        named["encoder_mask"] = mask
+        for j, array in enumerate(cross):
+            named[f"cross_{('key', 'value')[j % 2]}.{j // 2}"] = array
+        return named
+
     def put_image(self, slot: int, cross: list, mask: Any, index: int) -> None:
         """Image `index` of an encoded batch (2 * layers arrays [b, H, S, hd]) into `slot`."""
         length = cross[0].shape[2]
