@@ -298,3 +298,31 @@ def test_beam_sampling_keeps_to_top_k_and_cools_to_beam_search(spread):
             pv, do_sample=True, num_beams=3, temperature=1e-3, seed=seed, max_new_tokens=8
         )
         np.testing.assert_array_equal(cold, beam)
+
+
+def test_forbidding_processors_rank_the_graphs_top_k(spread, monkeypatch):
+    """A minimum length, n-gram and bad-word bans are read off each row's top-K from the graph
+    (no vocabulary-wide log-softmax on the host); when a row keeps too few allowed candidates
+    the step takes the whole vocabulary's scores. Tokens and scores stay transformers' both ways."""
+    from vedrt.runtime import processors
+
+    model, generator, pv, eos = spread
+    taken = []
+
+    def spy(*args):
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+
+    real = processors.forbid_in_top
+    monkeypatch.setattr(processors, "forbid_in_top", spy)
+    common = {"eos_token_id": eos[0], "max_new_tokens": 9}
+    assert_parity(model, generator, pv, num_beams=3, min_new_tokens=5, **common)
+    assert_parity(model, generator, pv, no_repeat_ngram_size=2, min_new_tokens=4, **common)
+    assert taken and all(taken), taken
+    taken.clear()
+    vocab = model.config.decoder.vocab_size
+    allowed = {eos[0], eos[1], 3, 4}  # fewer than the 6 candidates beam 3 ranks
+    banned = [[t] for t in range(vocab) if t not in allowed]
+    assert_parity(model, generator, pv, num_beams=3, bad_words_ids=banned, **common)
+    assert taken and not any(taken), taken

@@ -105,18 +105,20 @@ class GreedySearch(PerImage):
     def first_tokens(self):
         return self.seqs[:, PROMPT_LEN - 1]
 
-    def _full(self, cur_len: int) -> bool:
-        """Does this step need the whole vocabulary's scores (processors or sampling)?"""
-        return processors.any_active(self.o, cur_len)
-
     def step(self, logits, cross_attn: list | None = None, top: tuple | None = None) -> Advance:
-        """`top`: the graph's (top_logprobs, top_ids) of these rows, used when nothing else
-        needs the whole vocabulary's scores: the best token is then `top_ids[:, 0]`."""
+        """`top`: the graph's (top_logprobs, top_ids) of these rows, used when nothing needs the
+        whole vocabulary's scores: the best token is `top_ids[:, 0]`, or the best one that the
+        active processors allow (`processors.forbid_in_top`)."""
         ops, o = self.ops, self.o
-        if top is not None and self.collect.scores is None and not self._full(self.cur_len):
-            self.collect.add(None, cross_attn)
-            tokens = ops.copy(top[1][:, 0])
-        else:
+        top = top if self.collect.scores is None else None
+        first = None  # each row's column of its best allowed token, when processors forbid some
+        if top is not None and processors.any_active(o, self.cur_len):
+            ids = self.seqs[:, : self.cur_len]
+            top = processors.forbid_in_top(o, self.chain, ids, top, 1, logits.shape[-1])
+            if top is not None:
+                allowed = ops.astype(top[0] > ops.scalar(processors.NEG_INF), ops.int64)
+                first = ops.argmax(allowed)
+        if top is None:
             scores = processors.apply(
                 self.chain, self.seqs[:, : self.cur_len], ops.float_logits(logits)
             )
@@ -124,6 +126,10 @@ class GreedySearch(PerImage):
             if self.rng is not None:
                 scores = scores + ops.asarray(gumbel(self.rng, tuple(scores.shape)))
             tokens = ops.argmax(scores)
+        else:
+            self.collect.add(None, cross_attn)
+            column = top[1][:, 0] if first is None else ops.take_along(top[1], first[:, None], 1)
+            tokens = ops.copy(column.reshape(-1))
         if o.eos_token_id is not None:
             tokens = ops.where(self.unfinished, tokens, self.pad)
         positions = ops.asarray(np.repeat(self.lengths, self.rows_per_image))
@@ -226,13 +232,14 @@ class BeamSearch(PerImage):
         no sampling and no scores to return, the best k continuations over all beams are among
         each beam's own best k, so only those are ranked (same order: see `_top_k_from_rows`)."""
         ops, o, nb, cur_len = self.ops, self.o, self.o.num_beams, self.cur_len
-        fast = (
-            top is not None
-            and top[1].shape[-1] >= self.k
-            and self.collect.scores is None
-            and not processors.any_active(o, cur_len)
-        )
-        if fast:
+        if top is None or top[1].shape[-1] < self.k or self.collect.scores is not None:
+            top = None
+        elif processors.any_active(o, cur_len):
+            flat_running = self.running_sequences[:, :, :cur_len].reshape(self.rows, cur_len)
+            top = processors.forbid_in_top(
+                o, self.chain, flat_running, top, self.k, logits.shape[-1]
+            )
+        if top is not None:
             self.collect.add(None, cross_attn)
             cand_scores, cand_seqs, cand_indices, cand_tokens = self._top_k_from_rows(*top)
         else:
