@@ -173,7 +173,7 @@ def _only_forbidding(o: GenerationOptions, cur_len: int) -> bool:
 
 
 def forbid_in_top(
-    o: GenerationOptions, chain: list[Processor], ids, top: tuple, need: int, vocab: int
+    ops: Any, o: GenerationOptions, chain: list[Processor], ids, top: tuple, need: int, vocab: int
 ):
     """For a step where some processor acts: the decoder graph's `(top_logprobs, top_ids)` with
     what the processors forbid set to -inf, when only forbidding ones act and every row keeps
@@ -184,7 +184,6 @@ def forbid_in_top(
     (~3 ms of a GPT-2 beam-4 step)."""
     if not _only_forbidding(o, ids.shape[1]):
         return None
-    ops = chain[0].args[0]
     forbidden = ops.zeros((ids.shape[0], vocab), ops.float32)
     for processor in chain:
         if processor.func in FORBIDDING:

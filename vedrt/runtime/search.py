@@ -114,7 +114,7 @@ class GreedySearch(PerImage):
         first = None  # each row's column of its best allowed token, when processors forbid some
         if top is not None and processors.any_active(o, self.cur_len):
             ids = self.seqs[:, : self.cur_len]
-            top = processors.forbid_in_top(o, self.chain, ids, top, 1, logits.shape[-1])
+            top = processors.forbid_in_top(ops, o, self.chain, ids, top, 1, logits.shape[-1])
             if top is not None:
                 allowed = ops.astype(top[0] > ops.scalar(processors.NEG_INF), ops.int64)
                 first = ops.argmax(allowed)
@@ -237,7 +237,7 @@ class BeamSearch(PerImage):
         elif processors.any_active(o, cur_len):
             flat_running = self.running_sequences[:, :, :cur_len].reshape(self.rows, cur_len)
             top = processors.forbid_in_top(
-                o, self.chain, flat_running, top, self.k, logits.shape[-1]
+                ops, o, self.chain, flat_running, top, self.k, logits.shape[-1]
             )
         if top is not None:
             self.collect.add(None, cross_attn)
