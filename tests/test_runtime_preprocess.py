@@ -156,3 +156,37 @@ def test_unsupported_processor_class_is_one_clear_error(tmp_path):
         ImageProcessor.from_file(path)
     path.write_text('{"feature_extractor_type": "DeiTFeatureExtractor", "size": 40}')
     assert ImageProcessor.from_file(path).do_center_crop  # the DeiT steps, not ViT's
+
+
+def test_images_from_bytes_and_file_objects(tmp_path):
+    """Image bytes (what a server or a download holds) and open binary files decode like the
+    path; anything else is one clear error, not a pathlib TypeError."""
+    import io
+
+    rng = np.random.RandomState(3)
+    path = tmp_path / "photo.png"
+    Image.fromarray(rng.randint(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
+    expected = np.asarray(load_image(path))
+    data = path.read_bytes()
+    with open(path, "rb") as handle:
+        from_file = np.asarray(load_image(handle))
+    for got in (load_image(data), load_image(io.BytesIO(data)), load_image(bytearray(data))):
+        np.testing.assert_array_equal(np.asarray(got), expected)
+    np.testing.assert_array_equal(from_file, expected)
+    with pytest.raises(InputError, match="image bytes: unreadable or truncated") as info:
+        load_image(data[: len(data) // 2])
+    assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match="cannot read an image from a ndarray") as info:
+        load_image(expected)
+    assert "\n" not in str(info.value)
+
+
+def test_caption_takes_one_image_as_bytes():
+    from pathlib import Path
+
+    from vedrt import models
+    from vedrt.runtime import load
+
+    gen = load(models.path("scenes"))
+    path = Path(__file__).resolve().parent.parent / "examples" / "scene1.png"
+    assert gen.caption(path.read_bytes()) == gen.caption(path) == ["a small red circle"]

@@ -130,7 +130,8 @@ class Generator:
         return self._detokenizer
 
     def preprocess(self, images: list[Any]) -> np.ndarray:
-        """Paths or PIL images -> pixel values, as the checkpoint's image processor makes them."""
+        """Paths, encoded image bytes, binary file objects or PIL images -> pixel values, as the
+        checkpoint's image processor makes them."""
         if self.manifest.modality == "text":
             raise InputError(
                 "this export is a text model: use generate_text(texts) or "
@@ -145,8 +146,10 @@ class Generator:
         return self.detokenizer.decode(sequences)
 
     def caption(self, images: Any, **options: Any) -> list[str]:
-        """Captions for paths or PIL images (num_return_sequences per image, in order)."""
-        if isinstance(images, str | Path) or hasattr(images, "mode"):
+        """Captions for one image or a list of them (paths, encoded bytes, binary file objects or
+        PIL images; num_return_sequences per image, in order)."""
+        single = isinstance(images, str | Path | bytes | bytearray | memoryview)
+        if single or hasattr(images, "mode") or hasattr(images, "read"):
             images = [images]
         images = list(images)
         if not images:

@@ -9,7 +9,9 @@ pixel values match theirs and the runtime needs no transformers.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,8 +331,23 @@ def _open_bounded(image, name: str, max_pixels: int, keep_short_side: int | None
     return image
 
 
+def _opener(source: Any) -> tuple[Any, str]:
+    """What `Image.open` reads for a path, bytes or a binary file object, and the name errors use."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return io.BytesIO(bytes(source)), "image bytes"
+    if hasattr(source, "read"):
+        return source, str(getattr(source, "name", "image stream"))
+    if isinstance(source, str | os.PathLike):
+        return Path(source), str(source)
+    raise InputError(
+        f"cannot read an image from a {type(source).__name__}: pass a path, encoded image bytes, "
+        "a binary file object or a PIL image (pixel arrays go to generate() directly)"
+    )
+
+
 def load_image(source: Any, *, max_pixels: int = MAX_PIXELS, keep_short_side: int | None = None):
-    """A path or PIL image -> a decoded, EXIF-upright PIL image, or one clear InputError.
+    """A path, encoded image bytes, a binary file object or a PIL image -> a decoded,
+    EXIF-upright PIL image, or one clear InputError.
 
     Files over `max_pixels` are refused before decoding. `keep_short_side` (from
     `ImageProcessor.keep_short_side`) lets an image over LARGE_PIXELS be decoded reduced, keeping
@@ -340,25 +357,25 @@ def load_image(source: Any, *, max_pixels: int = MAX_PIXELS, keep_short_side: in
 
     if isinstance(source, Image.Image):
         return _upright(source)
-    path = Path(source)
+    path, name = _opener(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                return _upright(_open_bounded(image, str(path), max_pixels, keep_short_side))
+                return _upright(_open_bounded(image, name, max_pixels, keep_short_side))
     except InputError:
         raise
     except Image.DecompressionBombError:
         raise InputError(
-            f"{path}: more pixels than the limit of {max_pixels:,} (a decompression bomb?)"
+            f"{name}: more pixels than the limit of {max_pixels:,} (a decompression bomb?)"
         ) from None
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
+        raise InputError(f"{name}: no such file") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not an image") from None
+        raise InputError(f"{name}: is a directory, not an image") from None
     except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image (unrecognised format or truncated file)") from None
+        raise InputError(f"{name}: not an image (unrecognised format or truncated file)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable or truncated image ({exc})") from None
+        raise InputError(f"{name}: unreadable or truncated image ({exc})") from None
     except MemoryError:
-        raise InputError(f"{path}: not enough memory to decode this image") from None
+        raise InputError(f"{name}: not enough memory to decode this image") from None
