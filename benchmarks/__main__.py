@@ -53,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--warmups", type=int, default=1, help="untimed runs after the token check")
     parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.2,
+        help="seconds before every timed call, so no backend's idle threads spin into the next's",
+    )
+    parser.add_argument(
         "--work-dir", type=Path, default=DEFAULT_WORK, help="checkpoints and exports cache"
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the results")
@@ -119,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
                 threads=args.threads,
                 device=args.device,
                 log_dir=log_dir,
+                settle=args.settle,
             )
         )
         if spec.name == "scenes" and {"fp32", "int8"} <= set(spec.exports):
@@ -146,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": args.threads,
         "reps": args.reps,
         "warmups": args.warmups,
+        "settle_s": args.settle,
         "device": args.device,
         "roofline": probed,
         "models": models,

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -147,8 +148,14 @@ def run_setting(
     warmups: int,
     tmp: Path,
     bar: Progress,
+    settle: float = 0.0,
 ) -> dict[str, dict]:
-    """Check tokens, warm up, then time `reps` interleaved rounds; results by backend key."""
+    """Check tokens, warm up, then time `reps` interleaved rounds; results by backend key.
+
+    `settle` seconds pass before every warm-up and timed call: a backend's threads may go on
+    spinning after its call returns (PyTorch's OpenMP workers do, for some milliseconds), and
+    the next backend's timing must not pay for them (ViT-GPT2 right after a PyTorch generation:
+    encoder 232 vs 226 ms, generation 606 vs 596 ms with 0.3 s between, interleaved)."""
     inputs = tmp / f"{spec.name}-{setting.batch}.npy"
     if not inputs.exists():
         np.save(inputs, pixel_values(spec, setting.batch))
@@ -167,11 +174,13 @@ def run_setting(
         }
     for _ in range(warmups):
         for w in live:
+            time.sleep(settle)
             w.generate(inputs, options)
             bar.step(f"{w.backend.key} warm-up")
     for r in range(reps):
         order = live[r % len(live) :] + live[: r % len(live)]
         for w in order:
+            time.sleep(settle)
             reply = w.generate(inputs, options)
             bar.step(f"{setting.label}: {w.backend.key}")
             if "seconds" in reply:
@@ -197,6 +206,7 @@ def run_model(
     threads: int,
     device: str,
     log_dir: Path,
+    settle: float = 0.0,
 ) -> dict[str, Any]:
     """Every setting of one model, every backend; what the report needs."""
     info: dict[str, dict] = {}
@@ -223,7 +233,9 @@ def run_model(
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
             for setting in settings:
-                per_backend = run_setting(workers, spec, setting, reps, warmups, Path(tmp), bar)
+                per_backend = run_setting(
+                    workers, spec, setting, reps, warmups, Path(tmp), bar, settle
+                )
                 rows += [
                     {"setting": asdict(setting), "backend": k, **v} for k, v in per_backend.items()
                 ]

@@ -178,6 +178,11 @@ def roofline_line(report: dict) -> str:
     )
 
 
+def _settle(report: dict) -> str:
+    settle = report.get("settle_s")
+    return f", each call {settle:g} s after the one before" if settle else ""
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
@@ -187,7 +192,7 @@ def markdown(report: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {report['threads']} threads per "
         f"backend; Python {m['python']}; {versions}.",
         f"{report['reps']} timed repetitions per backend and setting after {report['warmups']} warm-up(s), "
-        "interleaved across backends; each backend in its own process (its own peak RSS). Speedups are "
+        f"interleaved across backends{_settle(report)}; each backend in its own process (its own peak RSS). Speedups are "
         "ratios of p50 latencies from this run. Per token: (total - encoder - first step) / (new tokens - 1).",
         _load_line(report),
         "",
