@@ -142,6 +142,9 @@ def constant_subgraphs(model, shapes: dict, types: dict) -> int:
     read_later = {i for k, n in enumerate(graph.node) if k not in folded for i in reads(n)}
     read_later |= {o.name for o in graph.output}
     frontier = sorted(made & read_later)
+    if not frontier:  # nothing reads what they make: dead nodes, nothing to evaluate
+        _remove(graph, folded)
+        return len(folded)
     steps = [node for _, node in sorted((folded | aliases).items())]
     needed = {i for n in steps for i in n.input}
     sub = onnx.helper.make_graph(

@@ -15,9 +15,11 @@ re-express the decoder as one KV-cached step that transformers' own code cannot 
   itself copies none. `encoder_mask` [groups, enc_len] masks padding of encoder states shorter
   than the slot (text encoders);
 - a step is one new token per row (the prompt is the start token alone), and the module is
-  written for exactly that: head splits and merges are reshapes to constant shapes with no
-  transpose (with one token, `[N, 1, H, hd]` and `[N, H, 1, hd]` hold the same order), the new
-  token needs no causal mask, and its value is weighted by a product instead of a 1x1 `MatMul`.
+  written for exactly that: activations are `[N, d]`, so ONNX Runtime fuses every linear layer's
+  MatMul and bias Add into one `Gemm` (72 nodes fewer a GPT-2 step, ~0.3 ms at 4 rows), head
+  splits and merges are reshapes to constant shapes with no transpose (with one token,
+  `[N, H * hd]` and `[N, H, 1, hd]` hold the same order), the new token needs no causal mask,
+  and its value is weighted by a product instead of a 1x1 `MatMul`.
   A traced `x.view(b, t, ...)` costs `Shape`, `Gather`, `Unsqueeze` and `Concat` nodes for its
   dynamic sizes; with `t` general they were about a third of the nodes that ONNX Runtime ran
   per step on GPT-2 small (1,969 nodes).
@@ -63,13 +65,13 @@ def _split_seq_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor
 
 
 def _split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """[N, 1, H * hd] -> [N, H, 1, hd] (one token per row: no transpose needed)."""
+    """[N, H * hd] -> [N, H, 1, hd] (one token per row: no transpose needed)."""
     return x.reshape(-1, heads, 1, head_dim)
 
 
 def _merge_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """[N, H, 1, hd] -> [N, 1, H * hd]."""
-    return x.reshape(-1, 1, heads * head_dim)
+    """[N, H, 1, hd] -> [N, H * hd]."""
+    return x.reshape(-1, heads * head_dim)
 
 
 class EncoderGraph(nn.Module):
@@ -194,17 +196,15 @@ class DecoderStep(nn.Module):
         self.head_bias = head.bias if self.tied else None
 
     def embed(self, input_ids: torch.Tensor, past_lengths: torch.Tensor) -> torch.Tensor:
-        """[N, 1] token ids -> [N, 1, d]: each row's one new token at its own position."""
-        # lookups by [N, 1] indices give [N, 1, d] directly: an Unsqueeze after the Add would
-        # keep ONNX Runtime from fusing the Add into the first layer norm
-        tokens = nn.functional.embedding(input_ids, self.token_embedding.weight)
+        """[N, 1] token ids -> [N, d]: each row's one new token at its own position."""
+        ids = input_ids.reshape(-1)
+        tokens = nn.functional.embedding(ids, self.token_embedding.weight)
         tokens = tokens * self.embed_scale if self.embed_scale != 1.0 else tokens
-        past = past_lengths.unsqueeze(1)
         if self.positions == "padding":  # transformers' cumsum over the one token is `keep`
-            keep = (input_ids != self.padding_idx).long()
-            positions = (keep + past) * keep + self.padding_idx
+            keep = (ids != self.padding_idx).long()
+            positions = (keep + past_lengths) * keep + self.padding_idx
         else:
-            positions = past + 2 if self.positions == "offset2" else past
+            positions = past_lengths + 2 if self.positions == "offset2" else past_lengths
         x = tokens + nn.functional.embedding(positions, self.position_table)
         if self.token_type_row is not None:
             x = x + self.token_type_row
@@ -243,7 +243,7 @@ class DecoderStep(nn.Module):
         q = get_path(block, f.cross_q)(x).reshape(g, -1, h, hd).transpose(1, 2)  # [G,H,R,hd]
         scores = torch.matmul(q, cross_k.transpose(-1, -2)) * scale + cross_bias
         probs = torch.softmax(scores, dim=-1)  # [G,H,R,S]
-        out = torch.matmul(probs, cross_v).transpose(1, 2).reshape(-1, 1, h * hd)  # [N,1,d]
+        out = torch.matmul(probs, cross_v).transpose(1, 2).reshape(-1, h * hd)  # [N,d]
         probs = probs.transpose(1, 2).reshape(-1, h, 1, probs.shape[-1])  # [N,H,1,S]
         return get_path(block, f.cross_out)(out), probs
 
@@ -313,6 +313,6 @@ class DecoderStep(nn.Module):
             )
             new_kv += [k, v]
             attn.append(probs)
-        logits = self.logits(x.squeeze(1))
+        logits = self.logits(x)
         top = torch.topk(torch.log_softmax(logits.float(), dim=-1), self.top_k, dim=-1)
         return (logits, *new_kv, *attn, top.values, top.indices)
