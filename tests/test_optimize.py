@@ -184,3 +184,30 @@ def test_runtime_shares_cross_kv_and_never_reallocates_the_cache(exported, monke
     assert seen["slots"] == {2} and seen["rows"] == {6} and seen["groups"] == {2}
     assert len(seen["pools"]) == 1  # one cache, written in place, never reallocated
     assert seen["bindings"] == 1
+
+
+def test_folding_drops_constant_nodes_that_nothing_reads():
+    """A constant computation whose result no node and no output reads is removed, not handed to
+    ONNX Runtime as a model with no outputs (which it refuses)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vedrt.export import fold
+
+    c = numpy_helper.from_array(np.ones((2, 3), np.float32), "c")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Shape", ["c"], ["unused"]),
+            helper.make_node("Add", ["x", "c"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [c],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    shapes = {"c": [2, 3], "unused": [2], "x": [2, 3], "y": [2, 3]}
+    types = {"c": 1, "unused": 7, "x": 1, "y": 1}
+    assert fold.constant_subgraphs(model, shapes, types) == 1
+    assert [n.op_type for n in model.graph.node] == ["Add"]
+    onnx.checker.check_model(model)
