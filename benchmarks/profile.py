@@ -26,6 +26,7 @@ def _session(path: Path, threads: int, profile_prefix: str | None = None):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    options.add_session_config_entry("session.force_spinning_stop", "1")  # as the runtime's
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix

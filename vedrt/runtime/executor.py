@@ -86,7 +86,7 @@ class OrtExecutor:
         self.layers = manifest.num_layers
         self.device = device
         self.sessions = {
-            name: _session(path, device, threads, per_step=name == "decoder")
+            name: _session(path, device, threads, arena=name == "decoder")
             for name, path in manifest.graph_files.items()
         }
         self._check_decoder_io()
@@ -207,31 +207,31 @@ def ort_executor(manifest: Manifest, device: str = "cpu", threads: int | None = 
     return OrtExecutor(manifest, device=device, threads=threads)
 
 
-def _session(path, device: str, threads: int | None, per_step: bool = True):
-    """`per_step=False` for the graphs run once per admitted batch (encoder, cross K/V):
-    - no CPU arena: ONNX Runtime's arena would keep their largest batch's activations resident
-      for the process's life (20 MB of ViT-GPT2's fp32 peak RSS at batch 1, and it grows with
-      the batch), and measured here they run no slower without it (ViT-base encoder 289 vs 293
-      ms at batch 1, 2.10 vs 2.09 s at batch 8, interleaved);
-    - threads that spin only while the graph runs (`session.force_spinning_stop`, set for the
-      decoder too: see below): each session has its own thread pool, and a pool left spinning
-      after its run takes the cores from the next graph's (the encoder's from the cross K/V: 28
-      -> 57 ms, ViT-GPT2, 2 threads), while no spinning at all makes each of the encoder's ~300
-      kernels wake its threads (ViT-base encoder 199.6 ms without spinning, 186.5 ms spinning
-      within its run; cross K/V 28.1 and 27.7 ms; interleaved, 12 repetitions).
-    The decoder keeps its arena (it runs every step on small buffers, back to back). Its threads
-    too stop spinning when a step returns: parked through the host's search and woken by the
-    next step, they cost that step nothing measurable (ViT-GPT2 beam 4, 16 steps: 350 / 371 /
-    389 ms against 335 / 381 / 397 spinning on), and a pool spinning after the last step took
-    the cores from the next request's encoder (215-222 ms against 259-265 ms; back-to-back
-    generations 588-628 ms against 614-678)."""
+def _session(path, device: str, threads: int | None, arena: bool = True):
+    """One graph's session.
+
+    `arena=False` for the graphs run once per admitted batch (encoder, cross K/V): ONNX Runtime's
+    CPU arena would keep their largest batch's activations resident for the process's life (20
+    MB of ViT-GPT2's fp32 peak RSS at batch 1, and it grows with the batch), and measured here
+    they run no slower without it (ViT-base encoder 289 vs 293 ms at batch 1, 2.10 vs 2.09 s at
+    batch 8, interleaved). The decoder keeps it: it runs every step on small buffers.
+
+    Every session's threads spin while its graph runs and stop when the run returns
+    (`session.force_spinning_stop`). Each session has its own thread pool: one left spinning
+    after its run takes the cores from the next graph's (the cross K/V after the encoder: 28 ->
+    57 ms, ViT-GPT2, 2 threads; the next request's encoder after the decoder's last step:
+    215-222 -> 259-265 ms), while no spinning at all makes each of the encoder's ~300 kernels
+    wake its threads (ViT-base encoder 199.6 ms without spinning, 186.5 ms spinning within its
+    run; interleaved, 12 repetitions). The decoder's threads, parked through the host's search
+    and woken by the next step, cost that step nothing measurable (ViT-GPT2 beam 4, 16 steps:
+    350 / 371 / 389 ms against 335 / 381 / 397 spinning on)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = int(threads)
     options.log_severity_level = 3
-    options.enable_cpu_mem_arena = per_step
+    options.enable_cpu_mem_arena = arena
     options.add_session_config_entry("session.force_spinning_stop", "1")
     if device == "cpu":
         providers = ["CPUExecutionProvider"]

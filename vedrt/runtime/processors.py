@@ -144,32 +144,34 @@ def build(o: GenerationOptions, ops: Any) -> list[Processor]:
     return chain
 
 
-def any_active(o: GenerationOptions, cur_len: int) -> bool:
-    """Would `build(o)`'s chain (or sampling) change any score at this length? When not, the
-    search may rank the decoder graph's own top-k log-probabilities instead of the vocabulary."""
-    if o.do_sample or o.repetition_penalty != 1.0 or o.no_repeat_ngram_size > 0:
+def _forbidding_active(o: GenerationOptions, cur_len: int) -> bool:
+    """Does one of `FORBIDDING` (below) act at this length?"""
+    if o.no_repeat_ngram_size > 0:
         return True
     if o.bad_words_ids is not None and without_eos_words(o.bad_words_ids, o.eos_token_id):
         return True
-    if o.eos_token_id is not None and cur_len < o.min_length:
+    return o.eos_token_id is not None and cur_len < o.min_length
+
+
+def _rescoring_active(o: GenerationOptions, cur_len: int) -> bool:
+    """Does sampling, or a processor that changes scores other than by forbidding tokens, act
+    at this length?"""
+    if o.do_sample or o.repetition_penalty != 1.0:
         return True
     if o.forced_bos_token_id is not None and cur_len == 1:
         return True
     return o.forced_eos_token_id is not None and cur_len == o.max_length - 1
 
 
+def any_active(o: GenerationOptions, cur_len: int) -> bool:
+    """Would `build(o)`'s chain (or sampling) change any score at this length? When not, the
+    search may rank the decoder graph's own top-k log-probabilities instead of the vocabulary."""
+    return _rescoring_active(o, cur_len) or _forbidding_active(o, cur_len)
+
+
 # Processors that only forbid tokens (set their scores to -inf): their effect on a ranking can be
 # read off each row's best few candidates, without the whole vocabulary's scores.
 FORBIDDING = (no_repeat_ngram, bad_words, min_length)
-
-
-def _only_forbidding(o: GenerationOptions, cur_len: int) -> bool:
-    """Is every processor that acts at this length one of `FORBIDDING`?"""
-    if o.do_sample or o.repetition_penalty != 1.0:
-        return False
-    if o.forced_bos_token_id is not None and cur_len == 1:
-        return False
-    return not (o.forced_eos_token_id is not None and cur_len == o.max_length - 1)
 
 
 def forbid_in_top(
@@ -182,7 +184,7 @@ def forbid_in_top(
     vocabulary's scores. A minimum length (the benchmarks' forced `min_new_tokens`) thus costs a
     look-up of K tokens a row instead of a log-softmax and a top-k over [rows, vocab] on the host
     (~3 ms of a GPT-2 beam-4 step)."""
-    if not _only_forbidding(o, ids.shape[1]):
+    if _rescoring_active(o, ids.shape[1]):
         return None
     forbidden = ops.zeros((ids.shape[0], vocab), ops.float32)
     for processor in chain:
