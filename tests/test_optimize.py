@@ -186,6 +186,49 @@ def test_runtime_shares_cross_kv_and_never_reallocates_the_cache(exported, monke
     assert seen["bindings"] == 1
 
 
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+def test_the_step_runs_without_attention_outputs_until_a_request_wants_them(
+    which, exported, int8_export
+):
+    """The export keeps a copy of the decoder without its `cross_attn` outputs (and the nodes
+    only they needed) that reads the same weights file; the runtime steps it and loads the full
+    graph only for `output_attentions`, whose results are unchanged."""
+    import onnx
+
+    from vedrt.runtime import load
+
+    out = exported("vit", "gpt2")[1] if which == "fp32" else int8_export
+    manifest = json.loads((out / "vedrt.json").read_text())
+    lean_name = manifest["graphs"]["decoder"]["file_without_attentions"]
+    full = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    lean = onnx.load(str(out / lean_name), load_external_data=False)
+    outputs = [o.name for o in full.graph.output]
+    assert [o.name for o in lean.graph.output] == [
+        n for n in outputs if not n.startswith("cross_attn.")
+    ]
+    assert len(lean.graph.node) < len(full.graph.node)
+    stored = {
+        t.name for t in lean.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL
+    }
+    weights = [t for t in lean.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert weights and all(  # the weights are read from the full graph's file, not copied
+        {e.key: e.value for e in t.external_data}["location"] == "decoder.onnx.data"
+        for t in weights
+    )
+    assert all(np.prod(t.dims) <= 256 for t in lean.graph.initializer if t.name in stored)
+
+    gen = load(out, threads=1)
+    assert gen.executor._with_attentions is None  # not loaded until asked for
+    pixels = np.random.default_rng(3).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    options = {"num_beams": 2, "min_new_tokens": 4, "max_new_tokens": 4, "return_dict": True}
+    plain = gen.generate(pixels, **options)
+    with_attn = gen.generate(pixels, output_attentions=True, **options)
+    assert gen.executor._with_attentions is not None
+    np.testing.assert_array_equal(plain.sequences, with_attn.sequences)
+    np.testing.assert_array_equal(plain.sequences_scores, with_attn.sequences_scores)
+    assert plain.cross_attentions is None and len(with_attn.cross_attentions) == 4
+
+
 def test_folding_drops_constant_nodes_that_nothing_reads():
     """A constant computation whose result no node and no output reads is removed, not handed to
     ONNX Runtime as a model with no outputs (which it refuses)."""

@@ -119,6 +119,10 @@ def _break(export_dir: Path, tmp_path: Path, how: str) -> Path:
         (broken / "decoder.onnx").unlink()
     elif how == "corrupt-decoder":
         (broken / "decoder.onnx").write_bytes(b"\x00garbage" * 100)
+    elif how == "no-lean-decoder":
+        (broken / "decoder_no_attentions.onnx").unlink()
+    elif how == "corrupt-lean-decoder":
+        (broken / "decoder_no_attentions.onnx").write_bytes(b"\x00garbage" * 100)
     elif how == "truncated-encoder":
         data = (broken / "encoder.onnx").read_bytes()
         (broken / "encoder.onnx").write_bytes(data[: len(data) // 3])
@@ -136,6 +140,8 @@ BROKEN = [
     "missing-field",
     "no-decoder",
     "corrupt-decoder",
+    "no-lean-decoder",
+    "corrupt-lean-decoder",
     "truncated-encoder",
     "future-version",
 ]
@@ -148,6 +154,25 @@ def test_broken_export_dirs(export_dir, tmp_path, how):
     with pytest.raises(InputError) as info:
         load(broken)
     assert "\n" not in str(info.value)
+
+
+@runtime
+def test_an_export_without_the_lean_step_graph_still_runs(export_dir, tmp_path, generator):
+    """Exports from before 2026-12-06 have only decoder.onnx: it is stepped, attentions and all."""
+    old = tmp_path / "old"
+    shutil.copytree(export_dir, old)
+    (old / "decoder_no_attentions.onnx").unlink()
+    data = json.loads((old / "vedrt.json").read_text())
+    del data["graphs"]["decoder"]["file_without_attentions"]
+    (old / "vedrt.json").write_text(json.dumps(data))
+    gen = load(old, threads=1)
+    pv = generator.preprocess(sorted((ROOT / "examples").glob("*.png"))[:2])
+    options = {"num_beams": 3, "return_dict": True, "output_attentions": True}
+    ours, theirs = gen.generate(pv, **options), generator.generate(pv, **options)
+    np.testing.assert_array_equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.cross_attentions, theirs.cross_attentions, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
 
 
 @runtime

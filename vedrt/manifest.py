@@ -44,6 +44,9 @@ class Manifest:
     generation_config: dict[str, Any]
     graph_files: dict[str, Path]
     raw: dict[str, Any] = field(repr=False)
+    # the decoder step without its cross-attention outputs, stepped unless attentions are wanted
+    # (exports from 2026-12-06 on; None before)
+    decoder_without_attentions: Path | None = None
 
     @property
     def gathers_in_graph(self) -> bool:
@@ -124,6 +127,7 @@ def _parse(root: Path, data: dict[str, Any]) -> Manifest:
                 f"export directory {root} is incomplete: {path.name} is missing (re-export the model)"
             )
         files[name] = path
+    lean = _lean_decoder(root, data, files["decoder"])
     max_positions = _get(data, "decoder").get("max_positions")
     generation_config = data.get("generation_config") or {}
     special = data.get("special_tokens") or {}
@@ -147,7 +151,31 @@ def _parse(root: Path, data: dict[str, Any]) -> Manifest:
         generation_config=generation_config,
         graph_files=files,
         raw=data,
+        decoder_without_attentions=lean,
     )
+
+
+def _lean_decoder(root: Path, data: dict[str, Any], decoder: Path) -> Path | None:
+    """The step graph without attention outputs, if the export has one. The runtime then loads
+    decoder.onnx only when attentions are asked for, so its size is checked against the
+    manifest's now: a corrupt or truncated file fails at load, not in the middle of a generation."""
+    name = _get(data, "graphs", "decoder").get("file_without_attentions")
+    if name is None:
+        return None
+    lean = root / str(name)
+    if not lean.is_file():
+        raise ExportDirError(
+            f"export directory {root} is incomplete: {lean.name} is missing (re-export the model)"
+        )
+    expected = _get(data, "graphs", "decoder").get("bytes")
+    weights = decoder.with_name(decoder.name + ".data")
+    size = decoder.stat().st_size + (weights.stat().st_size if weights.is_file() else 0)
+    if isinstance(expected, int) and size != expected:
+        raise ExportDirError(
+            f"{decoder}: {size} bytes with its weights, vedrt.json says {expected}: a corrupt or "
+            "modified export (re-export the model)"
+        )
+    return lean
 
 
 def _image_size(data: dict[str, Any]) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from ..manifest import write_manifest
 from . import destination
 from .architectures import UnsupportedArchitecture, decoder_family, encoder_family
 from .graphs import DEFAULT_OPSET, export_graphs
-from .optimize import externalize, fuse_graphs
+from .optimize import externalize, fuse_graphs, write_lean_decoder
 from .optimize import graph_bytes as graph_size
 from .quantize import QUANTIZE_CHOICES, quantize_graphs, token_agreement
 from .schema import build_manifest, optimization_fields
@@ -76,11 +76,12 @@ class ExportReport:
         lines = [
             f"exported {self.encoder} + {self.decoder} to {self.out_dir} in {self.seconds:.1f}s"
         ]
+        width = max(map(len, [*self.graph_bytes, "total"]))
         for name, size in self.graph_bytes.items():
-            lines.append(f"  {name:<14} {size / mb:10.1f} MB")
+            lines.append(f"  {name:<{width}} {size / mb:10.1f} MB")
         ratio = self.total_bytes / max(self.parameter_bytes, 1)
         lines.append(
-            f"  {'total':<14} {self.total_bytes / mb:10.1f} MB ({ratio:.3f}x the fp32 parameters)"
+            f"  {'total':<{width}} {self.total_bytes / mb:10.1f} MB ({ratio:.3f}x the fp32 parameters)"
         )
         if self.validation is None:
             lines.append("  validation: skipped (--no-validate)")
@@ -283,8 +284,12 @@ def export_model(
         _write_encoder_tokenizer(src, tmp, encoder_tokenizer)
         warnings += quant_warnings + leftovers
         externalize(tmp)  # weights beside the graphs: faster load, lower peak memory
+        lean = write_lean_decoder(tmp)  # the step without attention outputs, same weights
         graph_bytes = {spec.file: graph_size(tmp / spec.file) for spec in specs.values()}
-        write_manifest(tmp, manifest(validation, graph_bytes))
+        fields = manifest(validation, graph_bytes)
+        fields["graphs"]["decoder"]["file_without_attentions"] = lean
+        write_manifest(tmp, fields)
+        graph_bytes[lean] = graph_size(tmp / lean)  # its own structure; the weights are shared
         destination.apply_umask(tmp, out)
         destination.move_into_place(tmp, out)
     except BaseException:

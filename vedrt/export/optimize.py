@@ -115,6 +115,30 @@ def externalize(export_dir: Path) -> None:
         )
 
 
+LEAN_DECODER = "decoder_no_attentions.onnx"
+
+
+def write_lean_decoder(export_dir: Path) -> str:
+    """Write the decoder step without its `cross_attn.{i}` outputs, reading the same weights file.
+
+    Attention probabilities are wanted only with `output_attentions`, but a graph computes every
+    output it declares, each step: their transposes, reshapes and writes cost the ViT-GPT2 step
+    0.9 ms of 22.5 at 4 rows and 1.9 of 76.7 ms at 32 (2 threads, interleaved, same tokens). The
+    CPU runtime steps this graph and loads the full one only when a request asks for attentions.
+    Run after `externalize`: the copy names `decoder.onnx.data` for its weights, so only the
+    graph's structure (tens of KB) is stored twice. Returns the file's name."""
+    import onnx
+
+    model = onnx.load(str(export_dir / "decoder.onnx"), load_external_data=False)
+    graph = model.graph
+    kept = [o for o in graph.output if not o.name.startswith("cross_attn.")]
+    del graph.output[:]
+    graph.output.extend(kept)
+    prune(graph)
+    onnx.save(model, str(export_dir / LEAN_DECODER))
+    return LEAN_DECODER
+
+
 def graph_bytes(path: Path) -> int:
     """A graph's size on disk, its external weights included."""
     data = path.with_name(path.name + ".data")

@@ -85,15 +85,31 @@ class OrtExecutor:
         self.m = manifest
         self.layers = manifest.num_layers
         self.device = device
+        self.threads = threads
+        files = dict(manifest.graph_files)
+        lean = manifest.decoder_without_attentions
+        if lean is not None:  # the step without attention outputs; see `_attention_session`
+            files["decoder"] = lean
         self.sessions = {
             name: _session(path, device, threads, arena=name == "decoder")
-            for name, path in manifest.graph_files.items()
+            for name, path in files.items()
         }
-        self._check_decoder_io()
+        self._with_attentions = None if lean is not None else self.sessions["decoder"]
+        self._check_decoder_io(self.sessions["decoder"], files["decoder"], attentions=lean is None)
         check_positions(manifest, self.sessions["decoder"])  # vedrt.json vs graph, at load
 
-    def _check_decoder_io(self) -> None:
-        session = self.sessions["decoder"]
+    def _attention_session(self):
+        """The decoder graph with its `cross_attn.{i}` outputs, loaded the first time a step
+        wants attentions: every other step runs the graph without them, which is faster (see
+        `vedrt.export.optimize.write_lean_decoder`), and most processes never load this one."""
+        if self._with_attentions is None:
+            path = self.m.graph_files["decoder"]
+            session = _session(path, self.device, self.threads)
+            self._check_decoder_io(session, path, attentions=True)
+            self._with_attentions = session
+        return self._with_attentions
+
+    def _check_decoder_io(self, session, path, attentions: bool) -> None:
         have = {i.name for i in session.get_inputs()} | {o.name for o in session.get_outputs()}
         # exports before 2026-12-06 gather each group's cross K/V in the graph, every step
         self.gathers_in_graph = "group_slots" in have
@@ -106,12 +122,13 @@ class OrtExecutor:
                 f"cross_value.{i}",
                 f"new_key.{i}",
                 f"new_value.{i}",
-                f"cross_attn.{i}",
             }
+            if attentions:
+                need.add(f"cross_attn.{i}")
         missing = sorted(need - have)
         if missing:
             raise InputError(
-                f"{self.m.graph_files['decoder']}: not a decoder graph of this vedrt version "
+                f"{path}: not a decoder graph of this vedrt version "
                 f"(lacks {', '.join(missing[:4])}); re-export the model with `vedrt export`"
             )
 
@@ -151,7 +168,7 @@ class OrtExecutor:
         dims = (self.layers, self.m.num_heads, self.m.head_dim)
         return KVPool(self.ops, dims, rows, slots, cache_len, enc_len, np.float32)
 
-    def _bind(self, pool: KVPool, rows: int, groups: int):
+    def _bind(self, pool: KVPool, rows: int, groups: int, session, key: tuple):
         """Bind the pool's buffers and preallocated outputs (once per pool version and sizes)."""
         import onnxruntime as ort
 
@@ -159,7 +176,8 @@ class OrtExecutor:
             assert array.flags.c_contiguous  # bound by address: read in place, never copied
             return ort.OrtValue.ortvalue_from_numpy(array)
 
-        io = self.sessions["decoder"].io_binding()
+        io = session.io_binding()
+        declared = {o.name for o in session.get_outputs()}
         io.bind_ortvalue_input("input_ids", value(pool.input_ids[:rows]))
         io.bind_ortvalue_input("past_lengths", value(pool.past_lengths[:rows]))
         for name, array in pool.cross_inputs(groups, self.gathers_in_graph).items():
@@ -174,24 +192,26 @@ class OrtExecutor:
         for i in range(self.layers):
             outputs[f"new_key.{i}"] = new_kv[2 * i]
             outputs[f"new_value.{i}"] = new_kv[2 * i + 1]
-            outputs[f"cross_attn.{i}"] = np.empty((rows, h, 1, pool.enc_len), np.float32)
+            if f"cross_attn.{i}" in declared:
+                outputs[f"cross_attn.{i}"] = np.empty((rows, h, 1, pool.enc_len), np.float32)
         outputs["top_logprobs"] = np.empty((rows, self.m.top_k), np.float32)
         outputs["top_ids"] = np.empty((rows, self.m.top_k), np.int64)
         for name, array in outputs.items():
-            if name == "new_kv":
-                continue
-            io.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            if name in declared:
+                io.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         if len(pool.bindings) > 16:  # bindings of sizes met long ago
             pool.bindings.clear()
-        pool.bindings[(pool.version, rows, groups, pool.in_place)] = (io, outputs)
+        pool.bindings[key] = (io, outputs)
         return io, outputs
 
     def decode(
         self, pool: KVPool, rows: int, groups: int, want_attentions: bool = False
     ) -> StepOutput:
-        bound = pool.bindings.get((pool.version, rows, groups, pool.in_place))
-        io, outputs = bound if bound is not None else self._bind(pool, rows, groups)
-        self.sessions["decoder"].run_with_iobinding(io)
+        session = self._attention_session() if want_attentions else self.sessions["decoder"]
+        key = (pool.version, rows, groups, pool.in_place, want_attentions)
+        bound = pool.bindings.get(key)
+        io, outputs = bound if bound is not None else self._bind(pool, rows, groups, session, key)
+        session.run_with_iobinding(io)
         pool.write_new(outputs["new_kv"], rows)
         attn = [outputs[f"cross_attn.{i}"] for i in range(self.layers)] if want_attentions else None
         return StepOutput(outputs["logits"], attn, outputs["top_logprobs"], outputs["top_ids"])
