@@ -177,6 +177,23 @@ class DecoderStep(nn.Module):
             self.head_activation = get_path(decoder, f.head_activation)
         self.head_norm = get_path(decoder, f.head_norm) if f.head_norm else None
         self._init_head(get_path(decoder, f.head))
+        self.qkv = (
+            None if f.self_qkv is not None else nn.ModuleList(map(self._fused_qkv, self.blocks))
+        )
+
+    def _fused_qkv(self, block) -> nn.Linear:
+        """One projection for a block's separate query, key and value: the step then makes them
+        with one Gemm, one Reshape and one Split instead of three of each (each output column is
+        the same dot product as before, so the values are the same). Missing biases are zeros."""
+        f = self.family
+        parts = [get_path(block, path) for path in (f.self_q, f.self_k, f.self_v)]
+        weight = torch.cat([p.weight.detach() for p in parts], dim=0)
+        bias = torch.cat(
+            [p.bias.detach() if p.bias is not None else torch.zeros(p.out_features) for p in parts]
+        )
+        fused = nn.Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype)
+        fused.weight, fused.bias = nn.Parameter(weight, False), nn.Parameter(bias, False)
+        return fused
 
     def _init_head(self, head: nn.Linear) -> None:
         # A head tied to the token embedding is exported as two initializers on purpose: the
@@ -211,15 +228,12 @@ class DecoderStep(nn.Module):
         x = self.embedding_norm(x) if self.embedding_norm is not None else x
         return self.embedding_project(x) if self.embedding_project is not None else x
 
-    def self_attention(self, block, x, past_masked, cache_k, cache_v, scale):
+    def self_attention(self, i, block, x, past_masked, cache_k, cache_v, scale):
         f = self.family
-        if f.self_qkv is not None:
-            q, k, v = get_path(block, f.self_qkv)(x).chunk(3, dim=-1)
-        else:
-            q = get_path(block, f.self_q)(x)
-            k = get_path(block, f.self_k)(x)
-            v = get_path(block, f.self_v)(x)
-        q, k, v = (_split_heads(a, self.heads, self.head_dim) for a in (q, k, v))
+        project = get_path(block, f.self_qkv) if self.qkv is None else self.qkv[i]
+        # [N, 3d] viewed as [N, 3H, 1, hd]: one Reshape and one Split make q, k and v
+        qkv = _split_heads(project(x), 3 * self.heads, self.head_dim)
+        q, k, v = qkv.chunk(3, dim=1)
         # Scores against the cache (masked past each row's own length) and against this step's
         # own token, softmaxed together: the cache is read in place, never concatenated.
         neg = torch.finfo(q.dtype).min
@@ -239,7 +253,9 @@ class DecoderStep(nn.Module):
         the beams of an image read its keys and values once and they are never copied per row.
         """
         f, h, hd = self.family, self.heads, self.head_dim
-        g = cross_k.shape[0]
+        # the group count read off the one bias every layer shares, not off each layer's K: the
+        # graph then computes the query's shape once, not a Shape/Gather/Concat per layer
+        g = cross_bias.shape[0]
         q = get_path(block, f.cross_q)(x).reshape(g, -1, h, hd).transpose(1, 2)  # [G,H,R,hd]
         scores = torch.matmul(q, cross_k.transpose(-1, -2)) * scale + cross_bias
         probs = torch.softmax(scores, dim=-1)  # [G,H,R,S]
@@ -259,7 +275,7 @@ class DecoderStep(nn.Module):
         scale = self.scales[i]
         if f.pre_norm:
             a, k, v = self.self_attention(
-                block, norm(f.norm_self, x), masks[0], cache_k, cache_v, scale
+                i, block, norm(f.norm_self, x), masks[0], cache_k, cache_v, scale
             )
             x = x + a
             c, probs = self.cross_attention(
@@ -268,7 +284,7 @@ class DecoderStep(nn.Module):
             x = x + c
             x = x + ffn(norm(f.norm_ffn, x))
         else:
-            a, k, v = self.self_attention(block, x, masks[0], cache_k, cache_v, scale)
+            a, k, v = self.self_attention(i, block, x, masks[0], cache_k, cache_v, scale)
             x = norm(f.norm_self, x + a)
             c, probs = self.cross_attention(block, x, cross_k, cross_v, masks[1], scale)
             x = norm(f.norm_cross, x + c)
