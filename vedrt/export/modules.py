@@ -30,7 +30,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architectures import DecoderFamily, decoder_family, get_path, optional_path
+from .architectures import (
+    DecoderFamily,
+    decoder_family,
+    encoder_family,
+    get_path,
+    optional_path,
+)
 
 # Each row's best TOP_K log-probabilities leave the decoder graph beside its logits: beam search
 # needs at most (1 + EOS ids, at least 2) x num_beams candidates from any one row, so with no
@@ -145,6 +151,7 @@ class DecoderStep(nn.Module):
         decoder = model.decoder
         config = decoder.config
         f = self.family = decoder_family(config.model_type)
+        self.image_encoder = encoder_family(model.config.encoder.model_type).modality == "image"
         self.num_layers, self.heads, self.head_dim = decoder_dims(config)
         self.top_k = min(TOP_K, config.vocab_size)
         base = get_path(decoder, f.base)
@@ -245,7 +252,7 @@ class DecoderStep(nn.Module):
         out = torch.matmul(probs[..., :-1], cache_v) + probs[..., -1:] * v
         return get_path(block, f.self_out)(_merge_heads(out, self.heads, self.head_dim)), k, v
 
-    def cross_attention(self, block, x, cross_k, cross_v, cross_bias, scale):
+    def cross_attention(self, block, x, cross_k, cross_v, masks, scale):
         """Rows come in groups of equal size, each group reading one image slot's K/V.
 
         `cross_k` is each group's image K/V ([G, H, S, hd]);
@@ -253,11 +260,13 @@ class DecoderStep(nn.Module):
         the beams of an image read its keys and values once and they are never copied per row.
         """
         f, h, hd = self.family, self.heads, self.head_dim
-        # the group count read off the one bias every layer shares, not off each layer's K: the
+        _, cross_bias, encoder_mask = masks
+        # the group count read off the one mask every layer shares, not off each layer's K: the
         # graph then computes the query's shape once, not a Shape/Gather/Concat per layer
-        g = cross_bias.shape[0]
+        g = encoder_mask.shape[0]
         q = get_path(block, f.cross_q)(x).reshape(g, -1, h, hd).transpose(1, 2)  # [G,H,R,hd]
-        scores = torch.matmul(q, cross_k.transpose(-1, -2)) * scale + cross_bias
+        scores = torch.matmul(q, cross_k.transpose(-1, -2)) * scale
+        scores = scores + cross_bias if cross_bias is not None else scores
         probs = torch.softmax(scores, dim=-1)  # [G,H,R,S]
         out = torch.matmul(probs, cross_v).transpose(1, 2).reshape(-1, h * hd)  # [N,d]
         probs = probs.transpose(1, 2).reshape(-1, h, 1, probs.shape[-1])  # [N,H,1,S]
@@ -279,14 +288,14 @@ class DecoderStep(nn.Module):
             )
             x = x + a
             c, probs = self.cross_attention(
-                block, norm(f.norm_cross, x), cross_k, cross_v, masks[1], scale
+                block, norm(f.norm_cross, x), cross_k, cross_v, masks, scale
             )
             x = x + c
             x = x + ffn(norm(f.norm_ffn, x))
         else:
             a, k, v = self.self_attention(i, block, x, masks[0], cache_k, cache_v, scale)
             x = norm(f.norm_self, x + a)
-            c, probs = self.cross_attention(block, x, cross_k, cross_v, masks[1], scale)
+            c, probs = self.cross_attention(block, x, cross_k, cross_v, masks, scale)
             x = norm(f.norm_cross, x + c)
             x = norm(f.norm_ffn, x + ffn(x))
         return x, k, v, probs
@@ -304,13 +313,17 @@ class DecoderStep(nn.Module):
 
     def masks(self, past_lengths, cache_len: int, encoder_mask, dtype):
         """Built once per step, shared by every layer: which cache positions each row has not
-        filled yet ([N,1,1,L] bool), and the additive cross-attention bias of each group's image
-        ([G,1,1,S], transformers' `(1 - mask) * finfo.min`)."""
+        filled yet ([N,1,1,L] bool), the additive cross-attention bias of each group's encoder
+        states ([G,1,1,S], transformers' `(1 - mask) * finfo.min`) and the mask itself. Images
+        have no bias: every encoder position is real (transformers passes no mask either), and
+        adding zeros would cost every layer an Add."""
         positions = torch.arange(cache_len, device=past_lengths.device).unsqueeze(0)
         past_masked = (positions >= past_lengths.unsqueeze(1))[:, None, None, :]
+        if self.image_encoder:
+            return past_masked, None, encoder_mask
         keep = encoder_mask.to(dtype)
         cross_bias = ((1.0 - keep) * torch.finfo(dtype).min)[:, None, None, :]
-        return past_masked, cross_bias
+        return past_masked, cross_bias, encoder_mask
 
     def forward(self, input_ids, past_lengths, self_cache, cross, encoder_mask):
         x = self.embed(input_ids, past_lengths)
