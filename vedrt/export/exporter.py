@@ -78,7 +78,8 @@ class ExportReport:
         ]
         width = max(map(len, [*self.graph_bytes, "total"]))
         for name, size in self.graph_bytes.items():
-            lines.append(f"  {name:<{width}} {size / mb:10.1f} MB")
+            shown = f"{size / mb:10.1f} MB" if size >= 0.1 * mb else f"{size / 1e3:10.0f} KB"
+            lines.append(f"  {name:<{width}} {shown}")
         ratio = self.total_bytes / max(self.parameter_bytes, 1)
         lines.append(
             f"  {'total':<{width}} {self.total_bytes / mb:10.1f} MB ({ratio:.3f}x the fp32 parameters)"
