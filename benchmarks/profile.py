@@ -83,7 +83,7 @@ def profile_decoder(export_dir: Path, beams: int, past: int, threads: int, steps
     feed = {
         "input_ids": np.full((beams, 1), 5, np.int64),
         "past_lengths": np.full(beams, past, np.int64),
-        "group_slots": np.zeros(1, np.int64),  # one image, its beams in one group
+        "group_slots": np.zeros(1, np.int64),  # exports before 2026-12-06: one slot, one group
         "encoder_mask": np.ones((1, enc_len), np.int64),
     }
     for i in range(layers):
@@ -96,6 +96,8 @@ def profile_decoder(export_dir: Path, beams: int, past: int, threads: int, steps
         # the graph the runtime steps: the one without attention outputs where the export has it
         step = manifest["graphs"]["decoder"].get("file_without_attentions", "decoder.onnx")
         session = _session(export_dir / step, threads, str(Path(tmp) / "decoder"))
+        declared = {i.name for i in session.get_inputs()}
+        feed = {name: value for name, value in feed.items() if name in declared}
         for _ in range(3):
             session.run(None, feed)
         started = time.perf_counter()

@@ -183,3 +183,15 @@ def test_session_option_study_runs_every_option_set(exported):
         assert row["peak_rss_mb"] >= row["rss_after_load_mb"] > 0
         assert row["generate_s"] > 0 and row["step_s"] > 0
         assert row["mapped_after_run_mb"]["[anon]"] > 0
+
+
+def test_profile_runs_on_the_shipped_model():
+    """`python -m benchmarks.profile` (what PROFILE.md is written from) feeds the decoder only the
+    inputs it declares (it fed `group_slots`, which exports since 2026-12-06 lack, and failed)."""
+    from benchmarks.profile import profile_decoder, split_generate
+
+    scenes = Path(__file__).resolve().parents[1] / "vedrt" / "models" / "scenes"
+    split = split_generate(scenes, beams=2, new_tokens=3, threads=1)
+    assert split["total_s"] > 0 and split["decode_s"] > 0
+    step = profile_decoder(scenes, beams=2, past=4, threads=1, steps=2)
+    assert step["kernel_total_s"] > 0 and "Gemm" in step["kernel_s_by_op"]

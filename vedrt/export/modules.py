@@ -196,7 +196,12 @@ class DecoderStep(nn.Module):
         parts = [get_path(block, path) for path in (f.self_q, f.self_k, f.self_v)]
         weight = torch.cat([p.weight.detach() for p in parts], dim=0)
         bias = torch.cat(
-            [p.bias.detach() if p.bias is not None else torch.zeros(p.out_features) for p in parts]
+            [
+                p.bias.detach()
+                if p.bias is not None
+                else torch.zeros(p.out_features, dtype=weight.dtype)
+                for p in parts
+            ]
         )
         fused = nn.Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype)
         fused.weight, fused.bias = nn.Parameter(weight, False), nn.Parameter(bias, False)
