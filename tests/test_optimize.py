@@ -49,7 +49,7 @@ def test_int8_export_quantizes_every_weight_matmul(int8_export, exported, capsys
     for name in ("encoder", "cross_kv", "decoder"):
         ops = _op_types(int8_export / f"{name}.onnx")
         assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, name
-    from vedrt.export.optimize import graph_bytes
+    from vedrt.manifest import graph_bytes
 
     _, fp32 = exported("vit", "gpt2")
     assert graph_bytes(int8_export / "decoder.onnx") < graph_bytes(fp32 / "decoder.onnx")

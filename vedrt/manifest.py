@@ -155,6 +155,12 @@ def _parse(root: Path, data: dict[str, Any]) -> Manifest:
     )
 
 
+def graph_bytes(path: Path) -> int:
+    """A graph's size on disk, its external weights included (what `graphs.*.bytes` records)."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def _lean_decoder(root: Path, data: dict[str, Any], decoder: Path) -> Path | None:
     """The step graph without attention outputs, if the export has one. The runtime then loads
     decoder.onnx only when attentions are asked for, so its size is checked against the
@@ -168,8 +174,7 @@ def _lean_decoder(root: Path, data: dict[str, Any], decoder: Path) -> Path | Non
             f"export directory {root} is incomplete: {lean.name} is missing (re-export the model)"
         )
     expected = _get(data, "graphs", "decoder").get("bytes")
-    weights = decoder.with_name(decoder.name + ".data")
-    size = decoder.stat().st_size + (weights.stat().st_size if weights.is_file() else 0)
+    size = graph_bytes(decoder)
     if isinstance(expected, int) and size != expected:
         raise ExportDirError(
             f"{decoder}: {size} bytes with its weights, vedrt.json says {expected}: a corrupt or "

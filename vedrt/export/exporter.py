@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..manifest import graph_bytes as graph_size
 from ..manifest import write_manifest
 from . import destination
 from .architectures import UnsupportedArchitecture, decoder_family, encoder_family
 from .graphs import DEFAULT_OPSET, export_graphs
 from .optimize import externalize, fuse_graphs, write_lean_decoder
-from .optimize import graph_bytes as graph_size
 from .quantize import QUANTIZE_CHOICES, quantize_graphs, token_agreement
 from .schema import build_manifest, optimization_fields
 from .validate import Validation, ValidationError, eager_attention, validate_export

@@ -139,12 +139,6 @@ def write_lean_decoder(export_dir: Path) -> str:
     return LEAN_DECODER
 
 
-def graph_bytes(path: Path) -> int:
-    """A graph's size on disk, its external weights included."""
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-
-
 def _dims(value) -> list[int | str] | None:
     if not value.type.tensor_type.HasField("shape"):
         return None
