@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vedrt.manifest import read_manifest
+
 
 def _session(path: Path, threads: int, profile_prefix: str | None = None):
     import onnxruntime as ort
@@ -94,8 +96,9 @@ def profile_decoder(export_dir: Path, beams: int, past: int, threads: int, steps
             feed[f"cross_{kv}.{i}"] = rng.standard_normal((1, heads, enc_len, hd), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         # the graph the runtime steps: the one without attention outputs where the export has it
-        step = manifest["graphs"]["decoder"].get("file_without_attentions", "decoder.onnx")
-        session = _session(export_dir / step, threads, str(Path(tmp) / "decoder"))
+        parsed = read_manifest(export_dir)
+        step = parsed.decoder_without_attentions or parsed.graph_files["decoder"]
+        session = _session(step, threads, str(Path(tmp) / "decoder"))
         declared = {i.name for i in session.get_inputs()}
         feed = {name: value for name, value in feed.items() if name in declared}
         for _ in range(3):

@@ -235,17 +235,15 @@ class BeamSearch(PerImage):
         if top is None or top[1].shape[-1] < self.k or self.collect.scores is not None:
             top = None
         elif processors.any_active(o, cur_len):
-            flat_running = self.running_sequences[:, :, :cur_len].reshape(self.rows, cur_len)
             top = processors.forbid_in_top(
-                ops, o, self.chain, flat_running, top, self.k, logits.shape[-1]
+                ops, o, self.chain, self._history(), top, self.k, logits.shape[-1]
             )
         if top is not None:
             self.collect.add(None, cross_attn)
             cand_scores, cand_seqs, cand_indices, cand_tokens = self._top_k_from_rows(*top)
         else:
-            flat_running = self.running_sequences[:, :, :cur_len].reshape(self.rows, cur_len)
             log_probs = ops.log_softmax(ops.float_logits(logits))
-            log_probs = processors.apply(self.chain, flat_running, log_probs)
+            log_probs = processors.apply(self.chain, self._history(), log_probs)
             self.collect.add(log_probs, cross_attn)
             vocab = log_probs.shape[-1]
             accumulated = log_probs.reshape(self.batch, nb, vocab) + self.running_scores[:, :, None]
@@ -267,6 +265,10 @@ class BeamSearch(PerImage):
         self.improvable = self._early_stop_unsatisfied()
         done = not self._has_unfinished()
         return Advance(tokens, ops.astype(source.reshape(-1), ops.int64), done)
+
+    def _history(self):
+        """`[rows, cur_len]`: every running beam's tokens so far, what the processors read."""
+        return self.running_sequences[:, :, : self.cur_len].reshape(self.rows, self.cur_len)
 
     def _at(self, width: int):
         """Indices (image, beam, position) of each image's current position, for `width` beams
