@@ -388,3 +388,52 @@ def test_a_request_the_pool_cannot_take_fails_alone():
     finally:
         del generator.executor.new_pool
     assert engine.idle()
+
+
+@pytest.mark.runtime
+def test_a_beam_reorder_copies_only_the_positions_a_row_does_not_share():
+    """Each step, every cache row the engine holds equals what copying whole rows gives, over the
+    positions the row holds, though only the positions after a row's shared history are copied
+    (`Advance.shared`); the copy takes overlapping rows (a row both read and written)."""
+    generator = load(SCENES)
+    images = generator.preprocess(sorted(EXAMPLES.glob("*.png"))[:3])
+    options = {"num_beams": 4, "max_new_tokens": 12, "eos_token_id": None}
+
+    def run(whole_rows: bool) -> list[np.ndarray]:
+        engine = generator.engine(max_rows=12)
+        handles = [engine.submit(images[i : i + 1], **options) for i in range(3)]
+        caches = []
+        while not engine.idle():
+            pool = engine.pool
+            if whole_rows and pool is not None and not hasattr(pool, "_partial"):
+                pool._partial = pool.copy_positions
+                pool.copy_positions = lambda s, t, start, n, p=pool: p._partial(s, t, 0 * start, n)
+            engine.step()
+            if engine.active_rows:
+                rows, length = engine.active_rows, engine.pool.filled(0, engine.active_rows)
+                caches.append(engine.pool.cache[:, :, :rows, :, :length].copy())
+        assert all(h.done() for h in handles)
+        return caches
+
+    partial, whole = run(False), run(True)
+    assert len(partial) == len(whole) > 5
+    for ours, full in zip(partial, whole, strict=True):
+        np.testing.assert_array_equal(ours, full)
+
+
+@pytest.mark.runtime
+def test_copy_positions_reads_every_source_before_writing():
+    """Rows that are both read and written in one reorder (beam 1 continues beam 0 while beam 2
+    continues beam 1) get their sources' old contents, and positions before `start` stay."""
+    from vedrt.runtime.pool import KVPool
+
+    pool = KVPool(NumpyOps(), (2, 3, 4), rows=4, slots=1, cache_len=6, enc_len=2, dtype=np.float32)
+    pool.cache[...] = np.random.default_rng(0).standard_normal(pool.cache.shape)
+    before = pool.cache.copy()
+    source, target, start = np.array([0, 1, 0]), np.array([1, 2, 3]), np.array([2, 0, 5])
+    pool.copy_positions(source, target, start, 5)
+    for s, t, first in zip(source, target, start, strict=True):
+        np.testing.assert_array_equal(pool.cache[:, :, t, :, first:5], before[:, :, s, :, first:5])
+        np.testing.assert_array_equal(pool.cache[:, :, t, :, :first], before[:, :, t, :, :first])
+        np.testing.assert_array_equal(pool.cache[:, :, t, :, 5:], before[:, :, t, :, 5:])
+    np.testing.assert_array_equal(pool.cache[:, :, 0], before[:, :, 0])

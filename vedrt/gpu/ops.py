@@ -21,6 +21,9 @@ class TorchOps:
     int64 = torch.int64
     int32 = torch.int32
     bool_ = torch.bool
+    # torch.topk leaves the order of ties unspecified: the beam search ranks its candidates
+    # again, as transformers does, rather than assume a sorted row comes back unchanged
+    sorted_topk_is_identity = False
 
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
@@ -76,6 +79,10 @@ class TorchOps:
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         return torch.argmax(x, dim=-1)
+
+    def first_true(self, x: torch.Tensor) -> torch.Tensor:
+        first = torch.argmax(x.to(torch.uint8), dim=-1)
+        return torch.where(x.any(dim=-1), first, x.shape[-1])
 
     def min(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         return torch.min(x, dim=axis, keepdim=True)[0]

@@ -312,7 +312,7 @@ class Engine:
         if advance.done or not a.open_members():
             return answered, True
         if advance.source_rows is not None:
-            self._rows.reorder(a, advance.source_rows)
+            self._rows.reorder(a, advance.source_rows, advance.shared)
         pool.input_ids[start:end, 0] = advance.tokens
         return answered, False
 

@@ -27,6 +27,9 @@ class NumpyOps:
     int64 = np.int64
     int32 = np.int32
     bool_ = np.bool_
+    # `topk` of a row already sorted best first returns it unchanged (ties keep their order), so
+    # the beam search may skip ranking candidates that came out of a top-k and were not masked
+    sorted_topk_is_identity = True
 
     # -- creation and conversion ----------------------------------------------------------
     def asarray(self, value: Any, dtype: Any = None) -> np.ndarray:
@@ -86,6 +89,10 @@ class NumpyOps:
 
     def argmax(self, x: np.ndarray) -> np.ndarray:
         return np.argmax(x, axis=-1)
+
+    def first_true(self, x: np.ndarray) -> np.ndarray:
+        """Each row's index of its first true value along the last axis; its length if none."""
+        return np.where(x.any(axis=-1), x.argmax(axis=-1), x.shape[-1])
 
     def min(self, x: np.ndarray, axis: int) -> np.ndarray:
         return x.min(axis=axis, keepdims=True)

@@ -5,7 +5,8 @@ device) and written over `ops`, so every backend shares this code:
 - `cache` `[layers, 2, rows, heads, cache_len, head_dim]`: both K and V of every layer in one
   array. Requests own contiguous row ranges packed at the front, so `cache[i, j, :n]` (what the
   decoder graph reads as `self_key.i` / `self_value.i`) is a contiguous view. A step's new K/V are
-  written at each row's own position; a beam reorder copies rows within a request's range.
+  written at each row's own position; a beam reorder copies, within a request's range, only
+  the positions where a row's new history differs from its old one.
 - `cross` `[2 * layers, slots, heads, enc_len, head_dim]`: an image's K/V, computed once when it
   is admitted, and the `encoder_mask` `[slots, enc_len]` of its valid encoder positions.
 - the step inputs `input_ids`, `past_lengths`, whose prefixes the graph reads, and the groups'
@@ -19,6 +20,8 @@ knows are needed, so a steady state allocates nothing.
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 
 class KVPool:
@@ -145,6 +148,24 @@ class KVPool:
             return
         for j, array in enumerate(new_kv):
             self.cache[j // 2, j % 2, row_idx, :, positions] = array[:, :, 0]
+
+    def copy_positions(self, source, target, start, length: int) -> None:
+        """Cache rows `target[i]` <- rows `source[i]` at positions [start[i], length) (host int64
+        arrays; rows may overlap): a beam reorder, where rows differ only in their last few
+        positions. One gather and one scatter of exactly those (row, position) pairs."""
+        counts = np.maximum(length - start, 0)
+        total = int(counts.sum())
+        if total == 0:
+            return
+        first = np.cumsum(counts) - counts
+        positions = np.arange(total) - np.repeat(first - start, counts)
+        ops = self.ops
+        src = ops.asarray(np.repeat(source, counts))
+        dst = ops.asarray(np.repeat(target, counts))
+        at = ops.asarray(positions)
+        shape = (2 * self.layers, self.rows, self.heads, self.cache_len, self.head_dim)
+        flat = self.cache.reshape(shape)
+        flat[:, dst, :, at] = flat[:, src, :, at]
 
     def copy_rows(self, source: Any, target: Any, length: int) -> None:
         """cache rows `target` <- rows `source` (positions below `length`); may overlap."""

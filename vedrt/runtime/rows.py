@@ -4,7 +4,8 @@ The decoder graph steps rows [0, used) of the pool, so the cohorts' rows are kep
 front, each cohort's rows contiguous and in its search's order. Cohorts join (new rows right
 after their own, the later cohorts moved up), shrink (a member leaves; the rows after it move
 down) and leave (the cohorts after them move down); beam search reorders rows within a cohort.
-Only rows that change place are copied, and only the cache positions they hold.
+Only rows that change place are copied, and only the cache positions they hold (of a beam
+reorder, only those after the history a row shares with the one it replaces).
 """
 
 from __future__ import annotations
@@ -104,15 +105,19 @@ class Rows:
         if gone:
             self.groups = 0
 
-    def reorder(self, a: Active, source: Any) -> None:
-        """Beam search moved rows: copy only the rows that changed, within the cohort's range."""
+    def reorder(self, a: Active, source: Any, shared: Any) -> None:
+        """Beam search moved rows: row i continues row `source[i]` (cohort-relative) and shares
+        its first `shared[i]` positions with what row i held, so only the positions after those
+        are copied, of the rows that changed."""
         ops = self.ops
         source = np.asarray(ops.to_numpy(source))
         target = np.flatnonzero(source != np.arange(a.rows))
         if len(target):
-            self.pool.copy_rows(
-                ops.asarray(source[target] + a.offset, ops.int64),
-                ops.asarray(target + a.offset, ops.int64),
+            start = np.asarray(ops.to_numpy(shared))[target]
+            self.pool.copy_positions(
+                source[target] + a.offset,
+                target + a.offset,
+                start,
                 self.pool.filled(a.offset, a.rows),
             )
 
