@@ -218,3 +218,36 @@ def test_compare_reports_agreement_with_the_fp32_graphs(spread):
     assert result.rows == len(pv)
     assert result.max_logit_error < 1e-3
     assert result.sequence_agreement == result.token_agreement == 1.0
+
+
+def _held_bytes(modules) -> int:
+    """Bytes of the distinct tensors (parameters and buffers) some modules hold."""
+    storages = {}
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("decoder", ["gpt2", "trocr"])
+def test_the_torch_executor_holds_each_weight_once(decoder, tmp_path):
+    """From a checkpoint directory (the executor's own model): a head tied to the embedding is
+    the embedding's own matrix (no transposed copy, as the ONNX export keeps), and TrOCR's
+    separate q/k/v are freed once fused, so the executor holds no more than the model did."""
+    from vedrt.export import export_model
+
+    model = spread_model("vit", decoder)
+    model.save_pretrained(tmp_path / "checkpoint")
+    export_model(model, tmp_path / "export", validate=False)
+    generator = load(
+        tmp_path / "export", backend="torch", device="cpu", checkpoint=tmp_path / "checkpoint"
+    )
+    executor = generator.executor
+    held = _held_bytes([executor.encoder, executor.text_encoder, executor.cross_kv, executor.step])
+    assert held <= _held_bytes([model])
+    pv = pixel_values(2)
+    ours = generator.generate(pv, num_beams=3, max_new_tokens=6)
+    np.testing.assert_array_equal(
+        ours, hf_generate(model, pv, num_beams=3, max_new_tokens=6).sequences.numpy()
+    )

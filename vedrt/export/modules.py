@@ -146,7 +146,10 @@ class DecoderStep(nn.Module):
          top_logprobs [N,K] float32, top_ids [N,K]: the best K of log_softmax(logits), best first)
     """
 
-    def __init__(self, model):
+    def __init__(self, model, split_head: bool = True):
+        """`split_head=False` (the torch executor): a head tied to the token embedding stays that
+        one matrix, applied as transformers applies it; the ONNX export splits a transposed copy
+        into column blocks (`_init_head`)."""
         super().__init__()
         decoder = model.decoder
         config = decoder.config
@@ -183,7 +186,7 @@ class DecoderStep(nn.Module):
         elif f.head_activation:
             self.head_activation = get_path(decoder, f.head_activation)
         self.head_norm = get_path(decoder, f.head_norm) if f.head_norm else None
-        self._init_head(get_path(decoder, f.head))
+        self._init_head(get_path(decoder, f.head), split_head)
         self.qkv = (
             None if f.self_qkv is not None else nn.ModuleList(map(self._fused_qkv, self.blocks))
         )
@@ -207,14 +210,29 @@ class DecoderStep(nn.Module):
         fused.weight, fused.bias = nn.Parameter(weight, False), nn.Parameter(bias, False)
         return fused
 
-    def _init_head(self, head: nn.Linear) -> None:
+    def release_unfused(self) -> None:
+        """Free the separate query/key/value weights that `_fused_qkv` copied: the step reads
+        only the fused ones. For a model this step owns (the torch executor's own copy): the
+        model's decoder layers can no longer run by themselves afterwards."""
+        if self.qkv is None:
+            return
+        f = self.family
+        for block in self.blocks:
+            for path in (f.self_q, f.self_k, f.self_v):
+                linear = get_path(block, path)
+                empty = linear.weight.new_empty(0)
+                linear.weight = nn.Parameter(empty, requires_grad=False)
+                if linear.bias is not None:
+                    linear.bias = nn.Parameter(empty.clone(), requires_grad=False)
+
+    def _init_head(self, head: nn.Linear, split: bool) -> None:
         # A head tied to the token embedding is exported as two initializers on purpose: the
         # [vocab, d] table read only by the token Gather, and its [d, vocab] transpose read only
         # by the head MatMul (in HEAD_BLOCK column blocks). ONNX Runtime prepacks the MatMul's
         # copy and releases the original, and a lookup touches only its tokens' rows of the
         # table, so neither is resident in full (one shared matrix kept GPT-2's 154 MB head
         # resident twice). It costs the table's size on disk; int8 shares it again (quantize.py).
-        self.tied = head.weight is self.token_embedding.weight
+        self.tied = head.weight is self.token_embedding.weight and split
         if self.tied:
             columns = head.weight.detach().t().split(HEAD_BLOCK, dim=1)
             self.head_blocks = nn.ParameterList(

@@ -36,11 +36,15 @@ class TorchExecutor:
         self.device = torch.device(device)
         self.dtype = dtype
         self.ops = TorchOps(self.device)
-        model = _placed(model, self.device, dtype, owned)
+        model, owned = _placed(model, self.device, dtype, owned)
         self.encoder = EncoderGraph(model).eval()
         self.text_encoder = TextEncoderGraph(model).eval()
         self.cross_kv = CrossKV(model).eval()
-        self.step = DecoderStep(model).eval()
+        # one copy of every weight on the device: a tied head stays the embedding's matrix, and
+        # separate q/k/v weights, once fused, are freed when the model is ours to change
+        self.step = DecoderStep(model, split_head=False).eval()
+        if owned:
+            self.step.release_unfused()
         self.layers, self.heads, self.head_dim = decoder_dims(model.decoder.config)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
@@ -120,11 +124,12 @@ class _StepGraph:
         return self.logits, self.attn, self.top
 
 
-def _placed(model: Any, device: torch.device, dtype: torch.dtype, owned: bool) -> Any:
-    """The model on `device` in `dtype`; converting a caller's model works on a copy of it."""
+def _placed(model: Any, device: torch.device, dtype: torch.dtype, owned: bool) -> tuple[Any, bool]:
+    """The model on `device` in `dtype` and whether it is ours to change: converting a caller's
+    model works on a copy of it."""
     param = next(model.parameters())
     if param.device != device or param.dtype != dtype:
         if not owned:
-            model = copy.deepcopy(model)
+            model, owned = copy.deepcopy(model), True
         model = model.to(device=device, dtype=dtype)
-    return model.eval()
+    return model.eval(), owned
