@@ -437,3 +437,38 @@ def test_copy_positions_reads_every_source_before_writing():
         np.testing.assert_array_equal(pool.cache[:, :, t, :, :first], before[:, :, t, :, :first])
         np.testing.assert_array_equal(pool.cache[:, :, t, :, 5:], before[:, :, t, :, 5:])
     np.testing.assert_array_equal(pool.cache[:, :, 0], before[:, :, 0])
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("eos", [None, (3,)])
+def test_beam_steps_that_skip_ranking_unmasked_candidates_change_nothing(eos):
+    """Candidates come out of a top-k sorted best first, so with none masked by an EOS the beam
+    step keeps the first `num_beams` without ranking them again (numpy only). On scores full of
+    ties, every step's tokens, source rows and shared histories, and the result, are those of the
+    same search that ranks them."""
+    from vedrt.runtime.beam import BeamSearch
+    from vedrt.runtime.options import resolve
+
+    class Ranking(NumpyOps):
+        sorted_topk_is_identity = False
+
+    options = resolve(
+        {"decoder_start_token_id": 1, "pad_token_id": 0, "eos_token_id": eos},
+        {"num_beams": 4, "max_new_tokens": 12, "num_return_sequences": 2},
+    )
+    rng = np.random.default_rng(0)
+    fast, ranked = BeamSearch(NumpyOps(), options, 3), BeamSearch(Ranking(), options, 3)
+    for _ in range(12):
+        # coarse log-probs (many exact ties), sorted best first per row, as the graph's top-k
+        scores = -np.sort(rng.integers(0, 4, (12, 8)), axis=1).astype(np.float32)
+        ids = np.stack([rng.permutation(np.arange(2, 40))[:8] for _ in range(12)])
+        a = fast.step(np.zeros((12, 40), np.float32), None, (scores, ids))
+        b = ranked.step(np.zeros((12, 40), np.float32), None, (scores, ids))
+        for x, y in [(a.tokens, b.tokens), (a.source_rows, b.source_rows), (a.shared, b.shared)]:
+            np.testing.assert_array_equal(x, y)
+        assert a.done == b.done
+        if a.done:
+            break
+    ours, theirs = fast.result(), ranked.result()
+    np.testing.assert_array_equal(ours.sequences, theirs.sequences)
+    np.testing.assert_array_equal(ours.sequences_scores, theirs.sequences_scores)

@@ -149,7 +149,9 @@ class KVPool:
         for j, array in enumerate(new_kv):
             self.cache[j // 2, j % 2, row_idx, :, positions] = array[:, :, 0]
 
-    def copy_positions(self, source, target, start, length: int) -> None:
+    def copy_positions(
+        self, source: np.ndarray, target: np.ndarray, start: np.ndarray, length: int
+    ) -> None:
         """Cache rows `target[i]` <- rows `source[i]` at positions [start[i], length) (host int64
         arrays; rows may overlap): a beam reorder, where rows differ only in their last few
         positions. One gather and one scatter of exactly those (row, position) pairs."""
