@@ -110,7 +110,8 @@ class BeamSearch(PerImage):
         # every candidate that did not finish would enter the finished set at <= -1e9 and lose
         # to the kept entries (sorted, ties to the lower index): with none finishing, skip it
         if bool(ops.any(just_finished)):
-            self._update_finished(cand_scores, *self._candidates(cand_beams, cand_tokens))
+            cand_seqs, cand_indices = self._candidates(cand_beams, cand_tokens)
+            self._update_finished(cand_scores, cand_seqs, cand_indices, just_finished)
         parents, tokens = self._next_running_beams(cand_scores, cand_beams, cand_tokens)
         shared = self._extend(parents, tokens)
         self.lengths += 1
@@ -198,11 +199,11 @@ class BeamSearch(PerImage):
         self.running_sequences, self.running_indices = seqs, indices
         return shared
 
-    def _update_finished(self, cand_scores, cand_seqs, cand_indices) -> None:
-        """Merge the candidates that just finished (among the top `num_beams`) into the finished set."""
+    def _update_finished(self, cand_scores, cand_seqs, cand_indices, just_finished) -> None:
+        """Merge the candidates that just finished (`just_finished`: those among the top
+        `num_beams` that hit an EOS or the length limit) into the finished set."""
         ops, o = self.ops, self.o
         big_neg = ops.scalar(BIG_NEG)
-        just_finished = self.hits & self.top_mask[None, :]
         generated = (self.lengths + 1 - PROMPT_LEN).astype(np.float64)
         penalised = cand_scores / self._per_image_scalar(generated**o.length_penalty)
         full = ops.all(self.finished, axis=-1) & (o.early_stopping is True)

@@ -136,15 +136,19 @@ class KVPool:
         self.encoder_mask[slot] = 0
         self.encoder_mask[slot, :length] = mask[index]
 
+    def _by_layer_kv(self):
+        """The cache viewed as `[2 * layers, rows, heads, cache_len, head_dim]` (k0, v0, k1, ...),
+        so one indexed read or write covers every layer's K and V."""
+        shape = (2 * self.layers, self.rows, self.heads, self.cache_len, self.head_dim)
+        return self.cache.reshape(shape)
+
     def write_new(self, new_kv: Any, rows: int) -> None:
         """A step's new K/V (2 * layers arrays [rows, H, 1, hd], or one array of them stacked
         [2 * layers, rows, H, 1, hd]) at each row's position."""
         row_idx = self.ops.arange(rows)
         positions = self.past_lengths[:rows]
         if not isinstance(new_kv, list):  # stacked: one indexed write for every layer
-            shape = (2 * self.layers, self.rows, self.heads, self.cache_len, self.head_dim)
-            flat = self.cache.reshape(shape)
-            flat[:, row_idx, :, positions] = new_kv[:, :, :, 0].transpose(1, 0, 2, 3)
+            self._by_layer_kv()[:, row_idx, :, positions] = new_kv[:, :, :, 0].transpose(1, 0, 2, 3)
             return
         for j, array in enumerate(new_kv):
             self.cache[j // 2, j % 2, row_idx, :, positions] = array[:, :, 0]
@@ -165,8 +169,7 @@ class KVPool:
         src = ops.asarray(np.repeat(source, counts))
         dst = ops.asarray(np.repeat(target, counts))
         at = ops.asarray(positions)
-        shape = (2 * self.layers, self.rows, self.heads, self.cache_len, self.head_dim)
-        flat = self.cache.reshape(shape)
+        flat = self._by_layer_kv()
         flat[:, dst, :, at] = flat[:, src, :, at]
 
     def copy_rows(self, source: Any, target: Any, length: int) -> None:

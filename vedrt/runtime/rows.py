@@ -105,7 +105,7 @@ class Rows:
         if gone:
             self.groups = 0
 
-    def reorder(self, a: Active, source: Any, shared: Any | None) -> None:
+    def reorder(self, a: Active, source: Any, shared: Any) -> None:
         """Beam search moved rows: row i continues row `source[i]` (cohort-relative) and shares
         its first `shared[i]` positions with what row i held, so only the positions after those
         are copied, of the rows that changed."""
@@ -113,10 +113,7 @@ class Rows:
         source = np.asarray(ops.to_numpy(source))
         target = np.flatnonzero(source != np.arange(a.rows))
         if len(target):
-            if shared is None:  # a search that does not say: the whole history
-                start = np.zeros(len(target), dtype=np.int64)
-            else:
-                start = np.asarray(ops.to_numpy(shared))[target]
+            start = np.asarray(ops.to_numpy(shared))[target]
             self.pool.copy_positions(
                 source[target] + a.offset,
                 target + a.offset,
