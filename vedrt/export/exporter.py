@@ -249,10 +249,10 @@ def export_model(
         fused = fuse_graphs(tmp)
         enc_shape = specs["encoder"].outputs[0].shape
 
-        def manifest(validation, graph_bytes):
+        def manifest(validation, graph_bytes, lean=None):
             fields = build_manifest(
                 model, specs, image_size, fam_enc, fam_dec, opset, validation,
-                enc_shape[1], enc_shape[2], graph_bytes,
+                enc_shape[1], enc_shape[2], graph_bytes, lean,
             )  # fmt: skip
             return fields | optimization_fields(fused, quantize, validation_json)
 
@@ -287,9 +287,7 @@ def export_model(
         externalize(tmp)  # weights beside the graphs: faster load, lower peak memory
         lean = write_lean_decoder(tmp)  # the step without attention outputs, same weights
         graph_bytes = {spec.file: graph_size(tmp / spec.file) for spec in specs.values()}
-        fields = manifest(validation, graph_bytes)
-        fields["graphs"]["decoder"]["file_without_attentions"] = lean
-        write_manifest(tmp, fields)
+        write_manifest(tmp, manifest(validation, graph_bytes, lean))
         graph_bytes[lean] = graph_size(tmp / lean)  # its own structure; the weights are shared
         destination.apply_umask(tmp, out)
         destination.move_into_place(tmp, out)

@@ -57,7 +57,10 @@ def build_manifest(
     enc_len,
     enc_dim,
     graph_bytes,
+    lean_decoder: str | None = None,
 ):
+    """lean_decoder: the file of the decoder step without attention outputs, once it is written
+    (after validation, which loads the export without it)."""
     import torch
     import transformers
 
@@ -80,6 +83,8 @@ def build_manifest(
         }
         for name, spec in specs.items()
     }
+    if lean_decoder is not None:
+        graphs["decoder"]["file_without_attentions"] = lean_decoder
     return {
         "format_version": FORMAT_VERSION,
         "vedrt_version": __version__,
