@@ -4,6 +4,7 @@ answered, exit code 0."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -94,3 +95,25 @@ def test_sigterm_drains_then_exits_zero():
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+def test_port_zero_says_where_it_listens():
+    """`--port 0` takes any free port; the line printed at startup is how a user finds it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "vedrt", "serve", "--port", "0", "--name", "captioner"]
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        # the first thing it prints, once it is listening (bounded: a hung server fails here)
+        ready, _, _ = select.select([process.stderr], [], [], 90)
+        assert ready, "no startup line in 90 s"
+        line = process.stderr.readline()
+        assert line.startswith("vedrt serve: model 'captioner' on http://127.0.0.1:"), line
+        url = line.split(" on ", 1)[1].split()[0]
+        assert int(url.rsplit(":", 1)[1]) > 0
+        assert requests.get(f"{url}/v2/models/captioner/ready", timeout=10).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)

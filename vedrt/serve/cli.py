@@ -19,21 +19,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--name", default=None, help="model name in URLs (default: the export directory's name)"
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-rows", type=int, default=32, help="decoder rows stepped together")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)",
+    )
+    parser.add_argument("--port", type=int, default=8000, help="(default: 8000; 0: any free port)")
+    parser.add_argument(
+        "--max-rows",
+        type=int,
+        default=32,
+        help="decoder rows stepped together: a beam-4 request of one image takes 4 (default: 32)",
+    )
     parser.add_argument(
         "--max-queue",
         type=int,
         default=64,
         help="requests waiting for rows beyond which new ones get 503 (default: 64)",
     )
-    parser.add_argument("--max-body-mb", type=float, default=32.0)
+    parser.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=32.0,
+        help="larger request bodies get 400 before they are read in full (default: 32)",
+    )
     parser.add_argument(
         "--request-timeout",
         type=float,
         default=60.0,
-        help="seconds; past it a request gets 504 and its rows are freed",
+        help="seconds; past it a request gets 504 and its rows are freed (default: 60)",
     )
     parser.add_argument(
         "--threads",
@@ -121,8 +135,30 @@ class DrainingServer:
                     return
                 super().handle_exit(sig, frame)
 
+            async def startup(self, sockets: Any = None) -> None:
+                await super().startup(sockets=sockets)
+                if self.started:  # uvicorn logs only warnings: say where to send requests
+                    print(listening_line(service, self.servers), file=sys.stderr, flush=True)
+
             async def on_tick(self, counter: int) -> bool:
                 should_exit = await super().on_tick(counter)
                 return bool(should_exit) or service.drained()
 
         return _Server(config)
+
+
+def listening_line(service: Any, servers: list[Any]) -> str:
+    """Where the server listens (the bound port, so `--port 0` is usable) and with what."""
+    addresses = []
+    for server in servers:
+        for sock in server.sockets:
+            host, port = sock.getsockname()[:2]
+            host = f"[{host}]" if ":" in host else host
+            addresses.append(f"http://{host}:{port}")
+    o = service.options
+    ahead = ", encoding ahead" if o.encode_ahead else ""
+    return (
+        f"vedrt serve: model {service.name!r} on {', '.join(addresses)} "
+        f"(max {o.max_rows} rows, {o.threads} engine thread(s){ahead}); "
+        "SIGTERM drains and exits, Ctrl-C stops"
+    )
