@@ -14,14 +14,16 @@ from ..errors import UsageError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Export a saved VisionEncoderDecoderModel to an export directory: encoder.onnx, cross_kv.onnx "
-        "(cross-attention keys/values, once per image), decoder.onnx (one KV-cached step), the tokenizer, "
-        "image processor and generation configs, and vedrt.json. The graphs are checked against PyTorch."
+        "Export a saved VisionEncoderDecoderModel (or text EncoderDecoderModel) to an export "
+        "directory: encoder.onnx, cross_kv.onnx (cross-attention keys/values, once per input), "
+        "decoder.onnx (one KV-cached step), the tokenizer, image processor and generation configs, "
+        "and vedrt.json. The graphs are checked against PyTorch."
     )
     parser.add_argument(
         "model_dir",
         metavar="MODEL_DIR",
-        help="a directory saved with VisionEncoderDecoderModel.save_pretrained",
+        help="a directory saved with VisionEncoderDecoderModel.save_pretrained "
+        "(or EncoderDecoderModel.save_pretrained)",
     )
     parser.add_argument(
         "out_dir",

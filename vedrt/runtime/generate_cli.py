@@ -29,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=int, default=None, metavar="N", help=helptext)
     parser.add_argument("--json", action="store_true", help='JSON lines {"text", "output"}')
     parser.add_argument(
-        "--threads", type=int, default=None, metavar="N", help="ONNX Runtime intra-op threads"
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ONNX Runtime intra-op threads (default 1)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=8, metavar="N", help="texts per generate() call (8)"

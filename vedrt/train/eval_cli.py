@@ -64,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--beams", type=int, nargs="+", default=[1, 4], help="beam widths (default: 1 4)"
     )
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument(
+        "--batch-size", type=int, default=50, help="images per generate() call (default 50)"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads (ONNX Runtime and torch)"
     )
