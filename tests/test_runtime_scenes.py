@@ -114,6 +114,31 @@ def test_cli_captions_examples_with_the_default_model(capsys) -> None:
     assert [r["image"] for r in records] == [str(p) for p in IMAGES]
 
 
+def test_cli_folder_stands_for_its_images(tmp_path: Path, capsys) -> None:
+    """A folder is its image files by name (not its other files, not its subfolders); a folder
+    without any is one error line, and the other images are still captioned."""
+    import shutil
+
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    shutil.copy(IMAGES[1], folder / "b.PNG")
+    shutil.copy(IMAGES[0], folder / "a.png")
+    shutil.copy(IMAGES[2], folder / "nested" / "c.png")
+    (folder / "notes.txt").write_text("not an image")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["caption", str(folder), str(empty), str(IMAGES[3])]) == 1
+    captured = capsys.readouterr()
+    lines = [line.split("\t") for line in captured.out.splitlines()]
+    assert lines == [
+        [str(folder / "a.png"), ROWS[0]["caption"]],
+        [str(folder / "b.PNG"), ROWS[1]["caption"]],
+        [str(IMAGES[3]), ROWS[3]["caption"]],
+    ]
+    assert f"{empty}: a folder without image files" in captured.err
+    assert "1 of 4 images failed" in captured.err
+
+
 def test_cli_explain_writes_a_map_per_image(tmp_path: Path, capsys) -> None:
     from PIL import Image
 

@@ -19,7 +19,13 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "scenes"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files to caption")
+    parser.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help="image files to caption; a folder stands for the image files in it (by name, "
+        "not its subfolders)",
+    )
     parser.add_argument(
         "--model",
         metavar="EXPORT_DIR",
@@ -98,6 +104,27 @@ def explain_path(out: str, index: int) -> Path:
     """OUT.png for the first image, OUT-2.png, OUT-3.png ... for the next ones."""
     path = Path(out)
     return path if index == 0 else path.with_name(f"{path.stem}-{index + 1}{path.suffix}")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def expand_folders(paths: list[str]) -> tuple[list[str], list[str]]:
+    """(images, errors): each folder replaced by its image files in name order (by suffix, so a
+    folder's README or captions.jsonl is not an error); a folder without any is an error."""
+    images, errors = [], []
+    for path in paths:
+        folder = Path(path)
+        if not folder.is_dir():
+            images.append(path)
+            continue
+        found = sorted(
+            str(f) for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+        )
+        if not found:
+            errors.append(f"{path}: a folder without image files ({', '.join(IMAGE_SUFFIXES)})")
+        images += found
+    return images, errors
 
 
 def read_image(generator, path: str, keep: int | None, explain: bool) -> tuple:
@@ -179,12 +206,15 @@ def run(args: argparse.Namespace) -> int:
     except InputError as exc:
         raise UsageError(str(exc)) from None
 
-    failed, map_failed = 0, False
+    images, errors = expand_folders(args.images)
+    for error in errors:
+        print(f"vedrt caption: error: {error}", file=sys.stderr, flush=True)
+    failed, map_failed = len(errors), False
     explain = args.explain  # None once a map could not be written: the captions go on
     explained = 0
-    for start in range(0, len(args.images), args.batch_size):
+    for start in range(0, len(images), args.batch_size):
         good: list[tuple] = []
-        for path in args.images[start : start + args.batch_size]:
+        for path in images[start : start + args.batch_size]:
             try:
                 good.append(read_image(generator, path, keep, bool(explain)))
             except InputError as exc:
@@ -215,5 +245,6 @@ def run(args: argparse.Namespace) -> int:
                 )
                 explain, map_failed = None, True
     if failed:
-        print(f"vedrt caption: {failed} of {len(args.images)} images failed", file=sys.stderr)
+        total = len(images) + len(errors)
+        print(f"vedrt caption: {failed} of {total} images failed", file=sys.stderr)
     return 1 if failed or map_failed else 0
