@@ -171,3 +171,39 @@ def test_encoder_calls_of_a_few_images_give_the_whole_batch(gen, pixels, monkeyp
     chunked = gen.generate(pixels, num_beams=3)
     monkeypatch.setattr(executor, "ENCODE_TOKENS", 10**9)
     assert np.array_equal(chunked, gen.generate(pixels, num_beams=3))
+
+
+def test_generate_keeps_its_engine_for_the_next_call_of_its_shape(gen, pixels, monkeypatch):
+    """generate() reuses the last call's engine (pool and bindings) when rows and cache length
+    match, with the same tokens as a new engine; never after a failure, never a large pool."""
+    from vedrt.runtime import generator as generator_module
+    from vedrt.runtime.engine import Engine
+
+    fresh = load(SCENES, threads=1)
+    fresh._keep = lambda engine: None  # a new engine every call: what every call must equal
+    gen._spare = None
+    first = gen.generate(pixels[:2], num_beams=3)
+    assert (first == fresh.generate(pixels[:2], num_beams=3)).all()
+    engine = gen._spare
+    assert engine is not None and engine.pool_bytes() > 0
+    again = gen.generate(pixels[:2], num_beams=3, max_new_tokens=4)  # another cache length
+    assert gen._spare is not engine
+    assert (again == fresh.generate(pixels[:2], num_beams=3, max_new_tokens=4)).all()
+    engine = gen._spare
+    assert (gen.generate(pixels[:2], num_beams=3, max_new_tokens=4) == again).all()
+    assert gen._spare is engine  # same shape: the same engine
+    assert (
+        gen.generate(pixels[2:4], num_beams=3) == fresh.generate(pixels[2:4], num_beams=3)
+    ).all()
+
+    def fail(self):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Engine, "step", fail)
+        with pytest.raises(RuntimeError, match="boom"):
+            gen.generate(pixels[:2], num_beams=3)
+    assert gen._spare is None  # the failed call's engine is not kept
+    monkeypatch.setattr(generator_module, "SPARE_POOL_BYTES", 0)
+    assert (gen.generate(pixels[:2], num_beams=3) == first).all()
+    assert gen._spare is None

@@ -114,6 +114,18 @@ class Engine:
         return handle
 
     @property
+    def min_cache_len(self) -> int | None:
+        return self._rows.min_cache_len
+
+    def pool_bytes(self) -> int:
+        """Bytes of the cache pool's K/V buffers (0 before the first admission)."""
+        pool = self._rows.pool
+        if pool is None:
+            return 0
+        buffers = (pool.cache, pool.cross, pool.group_cross)
+        return sum(int(b.nbytes) for b in buffers if b is not None)
+
+    @property
     def pending(self) -> int:
         """Requests waiting for rows."""
         with self._lock:
