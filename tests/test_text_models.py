@@ -98,6 +98,24 @@ def test_text_generate_matches_transformers(exported_text, setting):
         )
 
 
+@pytest.mark.parametrize("setting", [{}, {"num_beams": 3}, {"pad_token_id": 2}], ids=str)
+def test_padded_ids_without_a_mask_are_masked_as_transformers_does(exported_text, setting):
+    """No attention_mask: transformers masks the pad id where it occurs and is not an EOS id
+    (with pad_token_id=2, the EOS, it masks nothing); so must generate() and the engine."""
+    model, gen = exported_text
+    ids, _ = padded_batch()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = model.generate(input_ids=torch.from_numpy(ids), max_new_tokens=6, **setting)
+    ours = gen.generate(ids, max_new_tokens=6, **setting)
+    np.testing.assert_array_equal(ours, ref.numpy())
+    engine = gen.engine(max_rows=12)
+    handle = engine.submit(ids, max_new_tokens=6, **setting)
+    while not handle.done():
+        engine.step()
+    np.testing.assert_array_equal(handle.result(), ours)
+
+
 def test_text_requests_batch_continuously(exported_text):
     """Texts of different lengths in one engine (slots padded to the longest) give their solo
     results."""
@@ -122,6 +140,8 @@ def test_text_input_errors(exported_text):
     ids, mask = padded_batch()
     with pytest.raises(InputError, match="integer"):
         gen.generate(ids.astype(np.float32))
+    with pytest.raises(InputError, match="rows have different lengths"):
+        gen.generate([[5, 6, 7], [8, 9]])
     with pytest.raises(InputError, match="shape"):
         gen.generate(ids, attention_mask=mask[:, :3])
     with pytest.raises(InputError, match="vocabulary"):

@@ -91,15 +91,16 @@ class Engine:
         """Queue one request: pixel values [n, C, H, W], or for a text model input_ids [n, L]
         (with its attention_mask); the options are `generate()`'s, checked here (InputError)."""
         o = self.gen.options(**options)
-        return self.submit_resolved(self.gen.check_inputs(inputs, attention_mask), o)
+        return self.submit_resolved(self.gen.check_inputs(inputs, attention_mask, o), o)
 
     def submit_resolved(self, inputs: Any, o: GenerationOptions) -> Handle:
         """`submit` for inputs and options already checked (`Generator.check_inputs`)."""
         batch = input_batch(inputs)
         rows = rows_needed(o, batch)
         if rows > self.max_rows:
+            kind = "text(s)" if self.gen.manifest.modality == "text" else "image(s)"
             raise InputError(
-                f"the request needs {rows} decoder rows ({batch} image(s) x {rows // batch}), "
+                f"the request needs {rows} decoder rows ({batch} {kind} x {rows // batch}), "
                 f"more than this engine's max_rows={self.max_rows}"
             )
         check = getattr(self.executor, "check_limits", None)

@@ -57,7 +57,7 @@ class Generator:
         padded), or a `GenerateOutput` with `return_dict=True`.
         """
         o = self.options(**options)
-        inputs = self.check_inputs(inputs, attention_mask)
+        inputs = self.check_inputs(inputs, attention_mask, o)
         rows = search.rows_needed(o, input_batch(inputs))
         engine = self._engine_for(rows, o.max_length - PROMPT_LEN)
         handle = engine.submit_resolved(inputs, o)
@@ -95,12 +95,18 @@ class Generator:
         (continuous batching); see `vedrt.runtime.engine`."""
         return Engine(self, max_rows, admit_every=admit_every, encode_ahead=encode_ahead)
 
-    def check_inputs(self, inputs: Any, attention_mask: Any = None) -> Any:
-        """Pixel values for an image model; {"input_ids", "attention_mask"} for a text model."""
+    def check_inputs(
+        self, inputs: Any, attention_mask: Any = None, options: opts.GenerationOptions | None = None
+    ) -> Any:
+        """Pixel values for an image model; {"input_ids", "attention_mask"} for a text model
+        (without a mask, `options`' pad and EOS ids infer it as transformers does)."""
         if self.manifest.modality == "text":
             from .textinputs import check_text_inputs
 
-            return check_text_inputs(self.manifest, inputs, attention_mask)
+            o = options if options is not None else self.options()
+            return check_text_inputs(
+                self.manifest, inputs, attention_mask, o.pad_token_id, o.eos_token_id
+            )
         if attention_mask is not None:
             raise InputError("attention_mask is for text models; this export takes images")
         return self.check_pixel_values(inputs)

@@ -18,7 +18,13 @@ from ..manifest import Manifest
 
 
 def _int_array(value: Any, name: str) -> np.ndarray:
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except ValueError:  # a ragged list of lists
+        raise InputError(
+            f"{name} must be [batch, length]: its rows have different lengths (pad them, and "
+            "pass the attention_mask that marks the padding)"
+        ) from None
     if array.dtype == object or not np.issubdtype(array.dtype, np.integer):
         raise InputError(f"{name} must be an integer array [batch, length], got {array.dtype}")
     if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
@@ -26,11 +32,26 @@ def _int_array(value: Any, name: str) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.int64)
 
 
-def check_text_inputs(manifest: Manifest, input_ids: Any, attention_mask: Any) -> dict:
-    """{"input_ids", "attention_mask"} as int64 arrays the encoder graph takes."""
+def inferred_mask(ids: np.ndarray, pad_token_id: int | None, eos: tuple[int, ...] | None):
+    """The mask transformers' generate() makes when given none: `input_ids != pad_token_id` when
+    the pad id occurs and is not an EOS id (pad then marks padding), else every token real."""
+    if pad_token_id is None or not (ids == pad_token_id).any() or pad_token_id in (eos or ()):
+        return np.ones_like(ids)
+    return (ids != pad_token_id).astype(np.int64)
+
+
+def check_text_inputs(
+    manifest: Manifest,
+    input_ids: Any,
+    attention_mask: Any,
+    pad_token_id: int | None = None,
+    eos_token_id: tuple[int, ...] | None = None,
+) -> dict:
+    """{"input_ids", "attention_mask"} as int64 arrays the encoder graph takes. Without a mask,
+    the generation's pad and EOS ids decide it, as in transformers (`inferred_mask`)."""
     ids = _int_array(input_ids, "input_ids")
     if attention_mask is None:
-        mask = np.ones_like(ids)
+        mask = inferred_mask(ids, pad_token_id, eos_token_id)
     else:
         mask = _int_array(attention_mask, "attention_mask")
         if mask.shape != ids.shape:
