@@ -244,7 +244,7 @@ def test_build_defaults_fit_the_shipped_model(capsys) -> None:
 def test_threads_above_the_cores_are_refused(capsys) -> None:
     from vedrt.cli import main
     from vedrt.runtime import InputError, load
-    from vedrt.runtime.options import machine_cores
+    from vedrt.runtime.threads import machine_cores
 
     scenes_dir = ROOT / "vedrt" / "models" / "scenes"
     too_many = machine_cores() + 1
@@ -258,7 +258,7 @@ def test_threads_above_the_cores_are_refused(capsys) -> None:
 
 def test_default_threads_is_the_measured_one() -> None:
     from vedrt.runtime import load
-    from vedrt.runtime.options import default_threads
+    from vedrt.runtime.threads import default_threads
 
     gen = load(ROOT / "vedrt" / "models" / "scenes")
     for session in gen.executor.sessions.values():

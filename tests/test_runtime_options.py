@@ -45,6 +45,29 @@ def test_min_new_tokens_wins_over_min_length():
 
 
 @pytest.mark.runtime
+def test_a_minimum_above_the_limit():
+    """The checkpoint's minimum above the call's limit warns and keeps EOS forbidden to the end,
+    as transformers does; a minimum the caller passed is an error naming it."""
+    checkpoint = {**CHECKPOINT, "min_length": 10}
+    with pytest.warns(UserWarning, match="min_length=10.*max_new_tokens=3"):
+        assert resolve(checkpoint, {"max_new_tokens": 3}).min_length == 10
+    with pytest.warns(UserWarning, match="min_length=10"):
+        resolve({**CHECKPOINT, "min_new_tokens": 9}, {"max_length": 5})
+    with pytest.raises(InputError, match="min_length=30 is more than max_new_tokens=9"):
+        resolve(CHECKPOINT, {"min_length": 30, "max_length": 10})
+    with pytest.raises(InputError, match="min_new_tokens=12 is more than max_new_tokens=3"):
+        resolve(checkpoint, {"min_new_tokens": 12, "max_new_tokens": 3})
+
+
+@pytest.mark.runtime
+@pytest.mark.parametrize("name", ["length_penalty", "repetition_penalty", "temperature", "top_p"])
+def test_nan_options_are_errors(name):
+    """NaN passes every range check (NaN <= 0 is false), and gave empty or constant outputs."""
+    with pytest.raises(InputError, match=f"{name} must be a number, got NaN"):
+        resolve(CHECKPOINT, {name: float("nan"), "do_sample": True})
+
+
+@pytest.mark.runtime
 def test_unknown_option_is_a_type_error():
     with pytest.raises(TypeError, match="'beams'"):
         resolve(CHECKPOINT, {"beams": 3})

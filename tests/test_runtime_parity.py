@@ -326,3 +326,23 @@ def test_forbidding_processors_rank_the_graphs_top_k(spread, monkeypatch):
     banned = [[t] for t in range(vocab) if t not in allowed]
     assert_parity(model, generator, pv, num_beams=3, bad_words_ids=banned, **common)
     assert taken and not any(taken), taken
+
+
+@pytest.mark.parametrize("setting", [{"max_new_tokens": 3}, {"num_beams": 2, "max_length": 5}])
+def test_a_checkpoint_minimum_above_the_limit_generates_as_transformers(spread, setting):
+    """The checkpoint's min_length above the call's limit: transformers warns and generates with
+    EOS forbidden to the end; so must vedrt (it refused the call before). The fixture's model
+    and generator are left as they are: copies carry the checkpoint's minimum."""
+    import copy
+
+    from vedrt.runtime.generator import Generator
+
+    model, generator, pv, (eos, _) = spread
+    config = copy.deepcopy(model.generation_config)
+    config.min_length = 10
+    ref = hf_generate(model, pv, generation_config=config, eos_token_id=eos, **setting)
+    ours = Generator(generator.manifest, generator.executor)
+    ours.generation_config = {**generator.generation_config, "min_length": 10}
+    with pytest.warns(UserWarning, match="min_length=10"):
+        sequences = ours.generate(pv, eos_token_id=eos, **setting)
+    np.testing.assert_array_equal(sequences, ref.numpy(), err_msg=str(setting))

@@ -219,7 +219,7 @@ class OrtExecutor:
 
 def ort_executor(manifest: Manifest, device: str = "cpu", threads: int | None = None, **options):
     """The registry's factory for ONNX Runtime on the CPU (see `loader.py`)."""
-    from .options import default_threads
+    from .threads import default_threads
 
     if options:
         raise TypeError(f"load() got unexpected keyword arguments {sorted(options)}")

@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import InputError
 from ..manifest import Manifest, read_manifest
 from .generator import Generator
-from .options import check_threads
+from .threads import check_threads
 
 # (backend, device kind) -> "module:function(manifest, device, threads, **options) -> Executor"
 REGISTRY: dict[tuple[str, str], str] = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +73,9 @@ CALL_ONLY: dict[str, Any] = {
     "output_scores": False,
     "output_attentions": False,
 }
+
+# transformers' names for options vedrt names otherwise, accepted as they are
+ALIASES = {"return_dict_in_generate": "return_dict"}
 
 PROMPT_LEN = 1  # the decoder prompt is the start token alone
 
@@ -162,6 +164,8 @@ def check_types(merged: dict[str, Any]) -> None:
             raise InputError(f"{name} must be an integer, got {value!r}")
         if name in FLOAT_OPTIONS and not _is_float(value):
             raise InputError(f"{name} must be a number, got {value!r}")
+        if name in FLOAT_OPTIONS and value != value:  # NaN passes every range check below
+            raise InputError(f"{name} must be a number, got NaN")
         if name in BOOL_OPTIONS and not isinstance(value, bool | np.bool_):
             raise InputError(f"{name} must be True or False, got {value!r}")
 
@@ -233,6 +237,7 @@ def resolve(
     With `vocab_size`, every token id an option names (start, pad, EOS, forced and bad words) is
     checked against the vocabulary here, not discovered as an index error mid-generation.
     """
+    overrides = _unalias(overrides)
     known = set(HF_DEFAULTS) | set(CALL_ONLY)
     for key in overrides:
         if key not in known:
@@ -292,8 +297,45 @@ def resolve(
         output_attentions=bool(o["output_attentions"]),
     )
     check(opts, max_positions)
+    check_minimum(opts, overrides)
     check_token_ids(opts, vocab_size)
     return opts
+
+
+def _unalias(overrides: dict[str, Any]) -> dict[str, Any]:
+    if not any(alias in overrides for alias in ALIASES):
+        return overrides
+    renamed = dict(overrides)
+    for alias, name in ALIASES.items():
+        if alias in renamed:
+            value = renamed.pop(alias)
+            if name in renamed and renamed[name] != value:
+                raise InputError(f"{alias}={value!r} and {name}={renamed[name]!r} disagree")
+            renamed[name] = value
+    return renamed
+
+
+def check_minimum(o: GenerationOptions, overrides: dict[str, Any]) -> None:
+    """A minimum length above the limit: the caller's own is an error naming it; the
+    checkpoint's (its generation config's min_length, say, under a smaller max_new_tokens) is a
+    warning, and EOS stays forbidden up to the limit, as in transformers."""
+    if o.min_length <= o.max_length:
+        return
+    limit = f"max_new_tokens={o.max_new} (max_length={o.max_length})"
+    if overrides.get("min_new_tokens") is not None:
+        raise InputError(
+            f"min_new_tokens={o.min_new_tokens} is more than {limit}: the minimum cannot exceed "
+            "the limit"
+        )
+    if overrides.get("min_length") is not None:
+        raise InputError(
+            f"min_length={o.min_length} is more than {limit}: the minimum cannot exceed the limit"
+        )
+    warnings.warn(
+        f"the generation config's minimum length (min_length={o.min_length}, start token "
+        f"included) is more than {limit}: EOS is forbidden up to the limit, as in transformers",
+        stacklevel=4,
+    )
 
 
 def check(o: GenerationOptions, max_positions: int | None) -> None:
@@ -311,11 +353,6 @@ def check(o: GenerationOptions, max_positions: int | None) -> None:
         raise InputError(f"min_new_tokens must be >= 0, got {o.min_new_tokens}")
     if o.min_length < 0:
         raise InputError(f"min_length must be >= 0, got {o.min_length}")
-    if o.min_length > o.max_length:
-        raise InputError(
-            f"min_new_tokens={o.min_length - PROMPT_LEN} (min_length={o.min_length}) is more than "
-            f"max_new_tokens={o.max_new} (max_length={o.max_length}): the minimum cannot exceed the limit"
-        )
     if o.seed is not None and o.seed < 0:
         raise InputError(f"seed must be >= 0, got {o.seed}")
     if o.num_beams < 1:
@@ -344,51 +381,6 @@ def check(o: GenerationOptions, max_positions: int | None) -> None:
             raise InputError(f"top_k must be >= 0, got {o.top_k}")
         if not 0.0 <= o.top_p <= 1.0:
             raise InputError(f"top_p must be in [0, 1], got {o.top_p}")
-
-
-# ONNX Runtime intra-op threads when `load()` is given none. Measured (issue #9) on this project's
-# 2-core shared machines: median generate() of 16 new tokens, batch 1, interleaved, two runs at
-# load averages 9-10 and 6-7 (noisy; ORT default = its own thread count, spinning pool):
-#                          1 thread        2 threads       ORT default
-#   scene model   greedy   71 / 92 ms      213 / 274 ms    255 / 167 ms
-#                 beam 4   148 / 201 ms    430 / 488 ms    469 / 228 ms
-#   ViT-base+GPT2 greedy   4.87 / 3.25 s   7.83 / 5.44 s   8.27 / 3.47 s
-#                 beam 4   5.54 / 3.97 s   9.91 / 6.93 s   10.43 / 3.87 s
-# One thread was the fast one (or within noise of it) for both sizes: extra threads lose their
-# time slices to other processes. On a dedicated many-core machine pass threads=N for big models.
-DEFAULT_THREADS = 1
-
-
-def machine_cores() -> int:
-    """The cores this process may run on (its CPU affinity, else the machine's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def default_threads() -> int:
-    """The thread count `load()` uses when given none (see DEFAULT_THREADS)."""
-    return min(DEFAULT_THREADS, machine_cores())
-
-
-def check_threads(threads: Any) -> int | None:
-    """`threads`: None (the default), 0 (ONNX Runtime's choice) or 1 .. the machine's cores.
-
-    More threads than cores only make them wait for each other: `--threads 999` took 112 s for a
-    caption that takes a tenth of a second with one.
-    """
-    if threads is None:
-        return None
-    if not is_int(threads) or threads < 0:
-        raise InputError(f"threads must be a non-negative integer, got {threads!r}")
-    cores = machine_cores()
-    if threads > cores:
-        raise InputError(
-            f"threads={threads} is more than the {cores} cores this process can use "
-            f"(choose 1 to {cores}; 0 lets ONNX Runtime decide)"
-        )
-    return int(threads)
 
 
 def replace(options: GenerationOptions, **changes: Any) -> GenerationOptions:
