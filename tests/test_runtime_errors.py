@@ -74,7 +74,9 @@ def test_pixel_values_checks(generator):
         (np.zeros((2, 3, SIZE + 8, SIZE), np.float32), rf"expected \[batch, 3, {SIZE}, {SIZE}\]"),
         (np.zeros((2, 1, SIZE, SIZE), np.float32), "expected"),
         (np.zeros((0, 3, SIZE, SIZE), np.float32), "expected"),
-        ([good[0], np.zeros((3, SIZE + 16, SIZE), np.float32)], "different sizes"),
+        ([good[0], np.zeros((3, SIZE + 16, SIZE), np.float32)], rf"must be \[3, {SIZE}, {SIZE}\]$"),
+        ([], "pixel_values is empty"),
+        (good.tolist(), "got a list of list: np.asarray"),
         ("pixels", "numpy array"),
     ]
     for value, words in cases:
@@ -90,6 +92,11 @@ def test_option_errors(generator):
     pv = np.zeros((1, 3, SIZE, SIZE), np.float32)
     with pytest.raises(TypeError, match="num_beam"):
         generator.generate(pv, num_beam=3)
+    # transformers' name for return_dict is taken as it is
+    out = generator.generate(pv, max_new_tokens=2, return_dict_in_generate=True)
+    assert out.sequences.shape == (1, 3)
+    with pytest.raises(InputError, match="disagree"):
+        generator.generate(pv, return_dict_in_generate=True, return_dict=False)
     with pytest.raises(InputError, match="num_return_sequences=4 is larger than num_beams=2"):
         generator.generate(pv, num_beams=2, num_return_sequences=4)
     with pytest.raises(InputError, match="larger than num_beams=1"):

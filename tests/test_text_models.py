@@ -142,6 +142,8 @@ def test_text_input_errors(exported_text):
         gen.generate(ids.astype(np.float32))
     with pytest.raises(InputError, match="rows have different lengths"):
         gen.generate([[5, 6, 7], [8, 9]])
+    as_bool = gen.generate(ids, attention_mask=mask.astype(bool), max_new_tokens=3)
+    np.testing.assert_array_equal(as_bool, gen.generate(ids, attention_mask=mask, max_new_tokens=3))
     with pytest.raises(InputError, match="shape"):
         gen.generate(ids, attention_mask=mask[:, :3])
     with pytest.raises(InputError, match="vocabulary"):

@@ -23,7 +23,6 @@ from .handle import input_batch
 from .options import PROMPT_LEN
 from .search import GenerateOutput
 
-
 SPARE_POOL_BYTES = 64 * 1024 * 1024
 
 
@@ -127,15 +126,24 @@ class Generator:
     def check_pixel_values(self, pixel_values: Any) -> np.ndarray:
         """One clear error for the wrong type, dtype, rank or size, before any graph runs."""
         m = self.manifest
-        expected = f"[batch, {m.num_channels}, {m.image_size[0]}, {m.image_size[1]}]"
+        image = f"{m.num_channels}, {m.image_size[0]}, {m.image_size[1]}"
+        expected = f"[batch, {image}]"
         if isinstance(pixel_values, list | tuple):
+            if not pixel_values:
+                raise InputError(f"pixel_values is empty: pass at least one image {expected}")
             shapes = {np.shape(p) for p in pixel_values}
             if len(shapes) > 1:
                 raise InputError(
                     f"pixel_values: the images have different sizes {sorted(shapes)}; "
-                    f"every image must be {expected[8:]}"
+                    f"every image must be [{image}]"
                 )
-            pixel_values = np.stack(pixel_values) if pixel_values else np.zeros((0,))
+            if not all(isinstance(p, np.ndarray) for p in pixel_values):
+                raise InputError(
+                    f"pixel_values must be a float32 numpy array {expected} (or a list of "
+                    f"[{image}] ones), got a list of {type(pixel_values[0]).__name__}: "
+                    "np.asarray(..., dtype=np.float32) makes one"
+                )
+            pixel_values = np.stack(pixel_values)
         if not isinstance(pixel_values, np.ndarray):
             raise InputError(
                 f"pixel_values must be a numpy array, got {type(pixel_values).__name__}"

@@ -25,6 +25,8 @@ def _int_array(value: Any, name: str) -> np.ndarray:
             f"{name} must be [batch, length]: its rows have different lengths (pad them, and "
             "pass the attention_mask that marks the padding)"
         ) from None
+    if array.dtype == np.bool_ and name == "attention_mask":  # transformers takes these too
+        array = array.astype(np.int64)
     if array.dtype == object or not np.issubdtype(array.dtype, np.integer):
         raise InputError(f"{name} must be an integer array [batch, length], got {array.dtype}")
     if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:

@@ -14,7 +14,12 @@ from ..runtime.errors import InputError
 from .errors import bad_request
 
 # Options a server decides for itself: the answer is always captions (and tokens on request).
-SERVER_OWNED_OPTIONS = ("return_dict", "output_scores", "output_attentions")
+SERVER_OWNED_OPTIONS = (
+    "return_dict",
+    "return_dict_in_generate",
+    "output_scores",
+    "output_attentions",
+)
 # 64 megapixels: far beyond any caption model's input, far below what a bomb decompresses to.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
