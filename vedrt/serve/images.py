@@ -53,6 +53,22 @@ def open_image(blob: bytes, index: int, max_pixels: int = DEFAULT_MAX_PIXELS):
         raise bad_request(f"{name}: unreadable or truncated image ({exc})") from None
 
 
+def total_pixels(blobs: list[bytes]) -> int | None:
+    """Pixels of all the images, read from their headers (nothing decoded); None if a header
+    does not read (the full decode will say why)."""
+    from PIL import Image
+
+    total = 0
+    for blob in blobs:
+        try:
+            with Image.open(io.BytesIO(blob)) as image:
+                width, height = image.size
+        except Exception:  # noqa: BLE001  (any failure: open_image reports it properly)
+            return None
+        total += width * height
+    return total
+
+
 def parse_text_value(text: str) -> Any:
     """A query-string value as JSON when it parses (4, 0.8, true, [[1, 2]]), else the string."""
     lowered = text.strip().lower()

@@ -47,6 +47,14 @@ class ServeOptions:
         return self.name or Path(self.model).resolve().name
 
 
+# Inputs this small are decoded on the event loop: the hop to the decoding thread and back (two
+# thread wake-ups and a future handed across) cost more than decoding them. Scene model, greedy,
+# 16 clients, interleaved: 431 -> 458 images/s, p99 65 -> 57 ms. At this size a decode takes well
+# under a millisecond, so the loop is never held long; anything larger goes to the thread.
+INLINE_PIXELS = 256 * 256  # all of a request's images together
+INLINE_CHARS = 16 * 1024  # all of a request's texts together
+
+
 @dataclass
 class Answer:
     """One finished request: captions image-major (num_return_sequences each) and their tokens."""
@@ -153,8 +161,10 @@ class Service:
         if not blobs:
             raise bad_request("no image in the request")
         self.check_modality("image")
+        pixels = images.total_pixels(blobs)
+        inline = pixels is not None and pixels <= INLINE_PIXELS
         return await self._run(
-            len(blobs), lambda: self._prepare(blobs), raw_options, disconnected, timeout
+            len(blobs), lambda: self._prepare(blobs), raw_options, disconnected, timeout, inline
         )
 
     async def generate(
@@ -169,8 +179,9 @@ class Service:
             raise bad_request("no text in the request")
         self.check_modality("text")
         self.check_text_tokenizer()
+        inline = sum(len(text) for text in texts if isinstance(text, str)) <= INLINE_CHARS
         return await self._run(
-            len(texts), lambda: self._tokenize(texts), raw_options, disconnected, timeout
+            len(texts), lambda: self._tokenize(texts), raw_options, disconnected, timeout, inline
         )
 
     async def _run(
@@ -180,6 +191,7 @@ class Service:
         raw_options: dict[str, Any],
         disconnected: Callable[[], Awaitable[Any]] | None,
         timeout: float | None,
+        inline: bool = False,
     ) -> Answer:
         arrival = time.monotonic()
         deadline = arrival + min(
@@ -195,17 +207,21 @@ class Service:
         self.admit()
         self.in_flight += 1
         try:
-            handle = await self._submit(prepare, options)
+            handle = await self._submit(prepare, options, inline)
             (self.metrics.images if self.modality == "image" else self.metrics.texts).inc(count)
             return await self._await(handle, deadline, arrival, disconnected)
         finally:
             self.in_flight -= 1
 
-    async def _submit(self, prepare: Callable[[], Any], options: dict[str, Any]) -> Any:
+    async def _submit(
+        self, prepare: Callable[[], Any], options: dict[str, Any], inline: bool = False
+    ) -> Any:
+        """Decode (`prepare`) on the decoding thread, or `inline` on the event loop for inputs
+        small enough that the hop to that thread and back costs more than the work."""
         loop = asyncio.get_running_loop()
         self.preparing += 1
         try:
-            inputs = await loop.run_in_executor(self.pool, prepare)
+            inputs = prepare() if inline else await loop.run_in_executor(self.pool, prepare)
             try:
                 if isinstance(inputs, dict):  # a text batch: one request, padded and masked
                     return self.engine.submit(
