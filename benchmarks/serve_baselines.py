@@ -27,11 +27,12 @@ class _QueueEngine:
         self.active_rows = 0
         self.stats = {"steps": 0, "row_steps": 0}
 
-    def submit(self, pixel_values: Any, **options: Any) -> Any:
+    def submit_resolved(self, pixel_values: Any, o: Any) -> Any:
+        """As vedrt's Engine: inputs checked and options resolved (`GenerationOptions`)."""
         from vedrt.runtime.engine import Handle
+        from vedrt.runtime.search import rows_needed
 
-        o = self.gen.options(**options)
-        handle = Handle(pixel_values, options, pixel_values.shape[0] * max(o.num_beams, 1))
+        handle = Handle(pixel_values, o, rows_needed(o, pixel_values.shape[0]))
         with self._cond:
             self._queue.append(handle)
             self._cond.notify()
@@ -71,7 +72,7 @@ class _QueueEngine:
         handle = batch[0]
         handle.started_at = time.monotonic()
         try:
-            handle._finish(self.gen.generate(handle.pixel_values, **handle.options))
+            handle._finish(self.gen.generate_resolved(handle.pixel_values, handle.options))
         except Exception as exc:
             handle._finish(error=exc)
 
@@ -110,12 +111,12 @@ class DynamicBatcher(_QueueEngine):
             handle.started_at = now
         try:
             pixels = np.concatenate([h.pixel_values for h in batch])
-            sequences = self.gen.generate(pixels, **batch[0].options)
+            sequences = self.gen.generate_resolved(pixels, batch[0].options)
         except Exception as exc:
             for handle in batch:
                 handle._finish(error=exc)
             return
-        per_image = self.gen.options(**batch[0].options).num_return_sequences
+        per_image = batch[0].options.num_return_sequences
         start = 0
         for handle in batch:
             count = handle.pixel_values.shape[0] * per_image

@@ -56,7 +56,13 @@ class Generator:
         padded), or a `GenerateOutput` with `return_dict=True`.
         """
         o = self.options(**options)
-        inputs = self.check_inputs(inputs, attention_mask, o)
+        return self.generate_resolved(self.check_inputs(inputs, attention_mask, o), o)
+
+    def generate_resolved(
+        self, inputs: Any, o: opts.GenerationOptions
+    ) -> np.ndarray | GenerateOutput:
+        """`generate` for inputs and options already checked (`check_inputs`, `options`): a
+        server resolves a request's options once, not once per layer that looks at them."""
         rows = search.rows_needed(o, input_batch(inputs))
         engine = self._engine_for(rows, o.max_length - PROMPT_LEN)
         handle = engine.submit_resolved(inputs, o)

@@ -80,17 +80,15 @@ def parse_text_value(text: str) -> Any:
         return text
 
 
-def generation_options(generator: Any, raw: dict[str, Any], max_rows: int) -> dict[str, Any]:
-    """Check options as `generate()` would, and that the request fits the engine's rows.
-
-    Returns the options to submit; raises a 400 for an unknown name, a bad value, or an option the
-    server owns.
+def generation_options(generator: Any, raw: dict[str, Any]) -> Any:
+    """The request's options resolved as `generate()` resolves them (`GenerationOptions`), once
+    for the whole request; a 400 for an unknown name, a bad value, or an option the server owns.
     """
     for name in SERVER_OWNED_OPTIONS:
         if name in raw:
             raise bad_request(f"option {name!r} is not available through the server")
     try:
-        generator.options(**raw)
+        return generator.options(**raw)
     except TypeError as exc:
         if "unexpected keyword argument" in str(exc):
             name = str(exc).rsplit(" ", 1)[-1]
@@ -100,7 +98,6 @@ def generation_options(generator: Any, raw: dict[str, Any], max_rows: int) -> di
         raise bad_request(str(exc)) from None
     except ValueError as exc:
         raise bad_request(f"bad option value: {_culprit(generator, raw)}{exc}") from None
-    return dict(raw)
 
 
 def _culprit(generator: Any, raw: dict[str, Any]) -> str:
@@ -111,8 +108,3 @@ def _culprit(generator: Any, raw: dict[str, Any]) -> str:
         except (TypeError, ValueError):
             return f"{name}={value!r}: "
     return ""
-
-
-def rows_needed(generator: Any, options: dict[str, Any], images: int) -> int:
-    resolved = generator.options(**options)
-    return images * max(resolved.num_beams, resolved.num_return_sequences)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.errors import InputError
+from ..runtime.search import rows_needed
 from . import images, protocol
 from .errors import ServeError, bad_request
 from .metrics import Metrics
@@ -197,8 +198,8 @@ class Service:
         deadline = arrival + min(
             timeout or self.options.request_timeout, self.options.request_timeout
         )
-        options = images.generation_options(self.generator, raw_options, self.options.max_rows)
-        rows = images.rows_needed(self.generator, options, count)
+        options = images.generation_options(self.generator, raw_options)
+        rows = rows_needed(options, count)
         if rows > self.options.max_rows:
             raise bad_request(
                 f"the request needs {rows} decoder rows ({count} {self.modality}s x "
@@ -213,9 +214,7 @@ class Service:
         finally:
             self.in_flight -= 1
 
-    async def _submit(
-        self, prepare: Callable[[], Any], options: dict[str, Any], inline: bool = False
-    ) -> Any:
+    async def _submit(self, prepare: Callable[[], Any], options: Any, inline: bool = False) -> Any:
         """Decode (`prepare`) on the decoding thread, or `inline` on the event loop for inputs
         small enough that the hop to that thread and back costs more than the work."""
         loop = asyncio.get_running_loop()
@@ -224,10 +223,11 @@ class Service:
             inputs = prepare() if inline else await loop.run_in_executor(self.pool, prepare)
             try:
                 if isinstance(inputs, dict):  # a text batch: one request, padded and masked
-                    return self.engine.submit(
-                        inputs["input_ids"], attention_mask=inputs["attention_mask"], **options
-                    )
-                return self.engine.submit(inputs, **options)
+                    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+                    checked = self.generator.check_inputs(ids, mask, options)
+                else:
+                    checked = self.generator.check_inputs(inputs, None, options)
+                return self.engine.submit_resolved(checked, options)
             except InputError as exc:
                 raise bad_request(str(exc)) from None
         finally:
@@ -309,13 +309,13 @@ class Service:
                 raise bad_request(str(error))
             raise ServeError(500, f"generation failed: {type(error).__name__}: {error}")
         sequences = np.asarray(handle.result(0))
-        self.metrics.tokens.inc(self._generated_tokens(sequences))
+        self.metrics.tokens.inc(self._generated_tokens(sequences, handle.options))
         captions = self.generator.decode(sequences) if self.has_tokenizer else []
         return Answer(captions=captions, tokens=sequences)
 
-    def _generated_tokens(self, sequences: np.ndarray) -> int:
+    def _generated_tokens(self, sequences: np.ndarray, options: Any) -> int:
         """Tokens after the start token, up to and including each row's first end token."""
-        eos = self.generator.options().eos_token_id or ()
+        eos = options.eos_token_id or ()
         total = 0
         for row in sequences[:, 1:]:
             ends = np.flatnonzero(np.isin(row, eos)) if eos else []
