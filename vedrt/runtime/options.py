@@ -148,11 +148,19 @@ class GenerationOptions:
 
 def is_int(value: Any) -> bool:
     """A real integer: Python or numpy, but not a bool, a float or a string."""
+    if type(value) is int:  # the common case, before the ABC check (a resolve checks ~25)
+        return True
     return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
 
 
 def _is_float(value: Any) -> bool:
+    if type(value) is float or type(value) is int:
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+_INTEGERS = frozenset(INT_OPTIONS + TOKEN_OPTIONS)
+_FLOATS, _BOOLS = frozenset(FLOAT_OPTIONS), frozenset(BOOL_OPTIONS)
 
 
 def check_types(merged: dict[str, Any]) -> None:
@@ -160,13 +168,13 @@ def check_types(merged: dict[str, Any]) -> None:
     for name, value in merged.items():
         if value is None and name in NONE_ALLOWED:
             continue
-        if name in INT_OPTIONS + TOKEN_OPTIONS and not is_int(value):
+        if name in _INTEGERS and not is_int(value):
             raise InputError(f"{name} must be an integer, got {value!r}")
-        if name in FLOAT_OPTIONS and not _is_float(value):
+        if name in _FLOATS and not _is_float(value):
             raise InputError(f"{name} must be a number, got {value!r}")
-        if name in FLOAT_OPTIONS and value != value:  # NaN passes every range check below
+        if name in _FLOATS and value != value:  # NaN passes every range check below
             raise InputError(f"{name} must be a number, got NaN")
-        if name in BOOL_OPTIONS and not isinstance(value, bool | np.bool_):
+        if name in _BOOLS and not isinstance(value, bool | np.bool_):
             raise InputError(f"{name} must be True or False, got {value!r}")
 
 
