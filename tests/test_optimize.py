@@ -163,7 +163,7 @@ def test_runtime_shares_cross_kv_and_never_reallocates_the_cache(exported, monke
     """Beams read their image's cross K/V (one slot per image, beams in one group); the pool is
     allocated once and the decoder bound once per row layout."""
     from vedrt.runtime import load
-    from vedrt.runtime.executor import OrtExecutor
+    from vedrt.runtime.executor import OUTPUTS, OrtExecutor
 
     _, out = exported("vit", "gpt2")
     seen = {"slots": set(), "rows": set(), "groups": set(), "pools": set(), "bindings": 0}
@@ -174,7 +174,8 @@ def test_runtime_shares_cross_kv_and_never_reallocates_the_cache(exported, monke
         seen["rows"].add(rows)
         seen["groups"].add(groups)
         seen["pools"].add((id(pool.cache), pool.version))
-        seen["bindings"] = max(seen["bindings"], len(pool.bindings))
+        bound = [key for key in pool.bindings if key != OUTPUTS]  # the shared outputs aside
+        seen["bindings"] = max(seen["bindings"], len(bound))
         return decode(self, pool, rows, groups, want_attentions)
 
     monkeypatch.setattr(OrtExecutor, "decode", spy)
@@ -184,6 +185,34 @@ def test_runtime_shares_cross_kv_and_never_reallocates_the_cache(exported, monke
     assert seen["slots"] == {2} and seen["rows"] == {6} and seen["groups"] == {2}
     assert len(seen["pools"]) == 1  # one cache, written in place, never reallocated
     assert seen["bindings"] == 1
+
+
+def test_bindings_of_every_row_count_share_one_set_of_outputs(exported):
+    """An engine steps many row counts; each binding binds the first rows of one set of output
+    buffers sized for the pool, so keeping a binding per row count costs no output memory."""
+    from vedrt.runtime import load
+    from vedrt.runtime.executor import OUTPUTS
+
+    _, out = exported("vit", "gpt2")
+    gen = load(out, threads=1)
+    pixels = np.random.default_rng(1).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    engine = gen.engine(max_rows=12)
+    handles = []
+    for i, beams in enumerate((1, 3, 2)):  # rows 1, 4, 6, then fewer as requests finish
+        handles.append(engine.submit(pixels[i : i + 1], num_beams=beams, max_new_tokens=3 + i))
+        engine.step()
+    while not engine.idle():
+        engine.step()
+    for i, (handle, beams) in enumerate(zip(handles, (1, 3, 2), strict=True)):
+        solo = gen.generate(pixels[i : i + 1], num_beams=beams, max_new_tokens=3 + i)
+        np.testing.assert_array_equal(handle.result(), solo)
+    pool = engine._rows.pool
+    shared = pool.bindings[OUTPUTS]
+    bound = [value for key, value in pool.bindings.items() if key != OUTPUTS]
+    assert len({outputs["logits"].shape[0] for _, outputs in bound}) >= 3
+    for _, outputs in bound:
+        for name in ("logits", "top_ids", "new_kv"):
+            assert np.shares_memory(outputs[name], shared[name])
 
 
 @pytest.mark.parametrize("which", ["fp32", "int8"])

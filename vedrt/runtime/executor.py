@@ -24,6 +24,10 @@ from .probe import check_positions
 # ONNX Runtime's load-time fusion of a residual Add + LayerNormalization into SkipLayerNormalization,
 # whose CPU kernel is 3-8x slower than the two ops (vedrt/export/optimize.py has the figures).
 SKIP_LAYER_NORM = ["SkipLayerNormFusion"]
+OUTPUTS = "outputs"  # the key of a pool's step outputs among its bindings (`_outputs`)
+# Bindings kept per pool: one per (rows, groups, layout) met. A server meets many (1 to max_rows
+# rows, groups in or out of slot order); with 16 kept, 1 step in 16 rebound (~0.3 ms each).
+MAX_BINDINGS = 256
 
 # The most encoder positions (images x positions per image) one CPU encoder call runs; see
 # `OrtExecutor.encode`. Measured flat per image up to ~1,600 (ViT-base 8 images, TrOCR-base 2).
@@ -168,14 +172,40 @@ class OrtExecutor:
         dims = (self.layers, self.m.num_heads, self.m.head_dim)
         return KVPool(self.ops, dims, rows, slots, cache_len, enc_len, np.float32)
 
+    def _outputs(self, pool: KVPool) -> dict[str, np.ndarray]:
+        """The step's outputs for the pool's most rows, made once per pool (and encoder length):
+        each binding binds their first rows, so bindings of every row count share them."""
+        buffers = pool.bindings.get(OUTPUTS)
+        if buffers is None or buffers["cross_attn.0"].shape[-1] != pool.enc_len:
+            rows, h, d = pool.rows, self.m.num_heads, self.m.head_dim
+            buffers = {
+                "logits": np.empty((rows, self.m.vocab_size), np.float32),
+                "top_logprobs": np.empty((rows, self.m.top_k), np.float32),
+                "top_ids": np.empty((rows, self.m.top_k), np.int64),
+                # every layer's new K/V in one array: the pool writes them in one indexed copy
+                "new_kv": np.empty((2 * self.layers, rows, h, 1, d), np.float32),
+            }
+            for i in range(self.layers):  # written only by the graph that declares them
+                buffers[f"cross_attn.{i}"] = np.empty((rows, h, 1, pool.enc_len), np.float32)
+            pool.bindings[OUTPUTS] = buffers
+        return buffers
+
     def _bind(self, pool: KVPool, rows: int, groups: int, session, key: tuple):
-        """Bind the pool's buffers and preallocated outputs (once per pool version and sizes)."""
+        """Bind the pool's buffers and outputs (once per pool version, sizes and layout)."""
         import onnxruntime as ort
 
         def value(array: np.ndarray):
             assert array.flags.c_contiguous  # bound by address: read in place, never copied
             return ort.OrtValue.ortvalue_from_numpy(array)
 
+        # bindings of an older version hold its buffers, reallocated since: drop them
+        for old in [k for k in pool.bindings if k != OUTPUTS and k[0] != pool.version]:
+            del pool.bindings[old]
+        if len(pool.bindings) > MAX_BINDINGS:  # sizes met long ago
+            buffers = pool.bindings.pop(OUTPUTS, None)
+            pool.bindings.clear()
+            if buffers is not None:
+                pool.bindings[OUTPUTS] = buffers
         io = session.io_binding()
         declared = {o.name for o in session.get_outputs()}
         io.bind_ortvalue_input("input_ids", value(pool.input_ids[:rows]))
@@ -185,22 +215,16 @@ class OrtExecutor:
         for i in range(self.layers):
             for j, kv in enumerate(("key", "value")):
                 io.bind_ortvalue_input(f"self_{kv}.{i}", value(pool.cache[i, j, :rows]))
-        h, d = self.m.num_heads, self.m.head_dim
-        outputs = {"logits": np.empty((rows, self.m.vocab_size), np.float32)}
-        # every layer's new K/V in one array, so the pool writes them with one indexed copy
-        outputs["new_kv"] = new_kv = np.empty((2 * self.layers, rows, h, 1, d), np.float32)
-        for i in range(self.layers):
+        buffers = self._outputs(pool)
+        outputs = {name: array[:rows] for name, array in buffers.items() if name != "new_kv"}
+        outputs["new_kv"] = new_kv = buffers["new_kv"][:, :rows]  # [2L, rows, ...]: a view
+        for i in range(self.layers):  # each layer's rows are contiguous within it
             outputs[f"new_key.{i}"] = new_kv[2 * i]
             outputs[f"new_value.{i}"] = new_kv[2 * i + 1]
-            if f"cross_attn.{i}" in declared:
-                outputs[f"cross_attn.{i}"] = np.empty((rows, h, 1, pool.enc_len), np.float32)
-        outputs["top_logprobs"] = np.empty((rows, self.m.top_k), np.float32)
-        outputs["top_ids"] = np.empty((rows, self.m.top_k), np.int64)
         for name, array in outputs.items():
             if name in declared:
+                assert array.flags.c_contiguous  # written in place by address
                 io.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-        if len(pool.bindings) > 16:  # bindings of sizes met long ago
-            pool.bindings.clear()
         pool.bindings[key] = (io, outputs)
         return io, outputs
 

@@ -94,9 +94,12 @@ class KVPool:
         if self.in_place:
             return count
         if self.group_cross is None or self.group_cross.shape[1] < count:
-            shape = (2 * self.layers, count, self.heads, self.enc_len, self.head_dim)
+            # as many groups as slots at once: grown one group at a time, every new high in a
+            # busy server reallocated it and made every binding stale (1 step in 12 rebound)
+            size = max(count, self.slots)
+            shape = (2 * self.layers, size, self.heads, self.enc_len, self.head_dim)
             self.group_cross = ops.zeros(shape, self.dtype)
-            self.group_mask = ops.zeros((count, self.enc_len), ops.int64)
+            self.group_mask = ops.zeros((size, self.enc_len), ops.int64)
             self.version += 1  # what is bound to the old buffers must be bound again
         index = self.group_slots[:count]
         self.group_cross[:, :count] = self.cross[:, index]
