@@ -142,6 +142,31 @@ def test_24_concurrent_clients_all_correct(server, reference):
     assert [body["captions"] for _, body in answers] == expected
 
 
+def _tokens_generated(server) -> float:
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    return float(
+        next(x for x in text.splitlines() if x.startswith("vedrt_tokens_generated_total")).split()[
+            -1
+        ]
+    )
+
+
+def test_tokens_metric_counts_each_request_to_its_own_end(server, reference):
+    """Generated tokens up to each row's first end token, with the request's own EOS ids."""
+    pixels = reference.preprocess([IMAGES[1]])
+    for options in ({}, {"num_beams": 3, "num_return_sequences": 2}, {"eos_token_id": 5}):
+        sequences = reference.generate(pixels, **options)
+        eos = reference.options(**options).eos_token_id
+        expected = 0
+        for row in sequences[:, 1:].tolist():
+            ends = [i for i, token in enumerate(row) if token in eos]
+            expected += ends[0] + 1 if ends else len(row)
+        before = _tokens_generated(server)
+        url = f"{server.url}/v1/caption"
+        assert requests.post(url, params=options, data=IMAGES[1].read_bytes(), timeout=60).ok
+        assert _tokens_generated(server) - before == expected, options
+
+
 def test_metrics_count_requests_and_engine_work(server):
     path = IMAGES[0]
     requests.post(f"{server.url}/v1/caption", data=path.read_bytes(), timeout=60)

@@ -315,12 +315,12 @@ class Service:
 
     def _generated_tokens(self, sequences: np.ndarray, options: Any) -> int:
         """Tokens after the start token, up to and including each row's first end token."""
-        eos = options.eos_token_id or ()
-        total = 0
-        for row in sequences[:, 1:]:
-            ends = np.flatnonzero(np.isin(row, eos)) if eos else []
-            total += int(ends[0]) + 1 if len(ends) else row.shape[0]
-        return total
+        generated = sequences[:, 1:]
+        if not options.eos_token_id or generated.size == 0:
+            return int(generated.size)
+        ends = np.isin(generated, options.eos_token_id)
+        lengths = np.where(ends.any(axis=1), ends.argmax(axis=1) + 1, generated.shape[1])
+        return int(lengths.sum())
 
 
 def _text_tokenizer(generator: Any) -> Any:
