@@ -112,7 +112,9 @@ def serve(app: Any, host: str, port: int) -> None:
     """uvicorn, but SIGTERM drains: readiness false, new requests 503, admitted ones answered."""
     import uvicorn
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="on", access_log=False
+    )
     server = DrainingServer(config, app.state.service)
     server.run()
     if server.drained_by_sigterm:
