@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.errors import InputError
+from ..runtime.ops import NUMPY
 from ..runtime.search import rows_needed
 from . import images, protocol
 from .errors import ServeError, bad_request
@@ -318,7 +319,7 @@ class Service:
         generated = sequences[:, 1:]
         if not options.eos_token_id or generated.size == 0:
             return int(generated.size)
-        ends = np.isin(generated, options.eos_token_id)
+        ends = NUMPY.isin(generated, options.eos_token_id)  # a few ==, not np.isin's sort
         lengths = np.where(ends.any(axis=1), ends.argmax(axis=1) + 1, generated.shape[1])
         return int(lengths.sum())
 
