@@ -26,7 +26,7 @@ from .probe import check_positions
 SKIP_LAYER_NORM = ["SkipLayerNormFusion"]
 OUTPUTS = "outputs"  # the key of a pool's step outputs among its bindings (`_outputs`)
 # Bindings kept per pool: one per (rows, groups, layout) met. A server meets many (1 to max_rows
-# rows, groups in or out of slot order); with 16 kept, 1 step in 16 rebound (~0.3 ms each).
+# rows, groups in or out of slot order); with 16 kept, 1 step in 12 rebound (~0.3 ms each).
 MAX_BINDINGS = 256
 
 # The most encoder positions (images x positions per image) one CPU encoder call runs; see
