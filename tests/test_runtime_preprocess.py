@@ -190,3 +190,13 @@ def test_caption_takes_one_image_as_bytes():
     gen = load(models.path("scenes"))
     path = Path(__file__).resolve().parent.parent / "examples" / "scene1.png"
     assert gen.caption(path.read_bytes()) == gen.caption(path) == ["a small red circle"]
+
+
+def test_a_decoder_failure_on_crafted_input_is_one_clear_error() -> None:
+    """Pillow raises more than OSError on malformed files (NotImplementedError for this fuzzed
+    DDS): still an InputError naming the image, never a crash of the caller."""
+    from pathlib import Path
+
+    blob = (Path(__file__).parent / "data" / "mutated.dds").read_bytes()
+    with pytest.raises(InputError, match="image bytes: unreadable image \\(NotImplementedError"):
+        load_image(blob)

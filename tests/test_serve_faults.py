@@ -14,6 +14,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("starlette", reason="the serve extra is part of dev")
@@ -138,6 +139,8 @@ BAD_CAPTION = [
     ("server-owned option", {"return_dict": "true"}, PNG, "return_dict"),
     ("decompression bomb", {}, bomb_png(), "decompression bomb"),
     ("empty body", {}, b"", "no image"),
+    # a fuzzed DDS on which Pillow raises NotImplementedError (it was a 500)
+    ("malformed DDS", {}, (ROOT / "tests" / "data" / "mutated.dds").read_bytes(), "unreadable"),
 ]
 
 BAD_INFER = [
@@ -147,6 +150,21 @@ BAD_INFER = [
     ("rank", triton_json(shape=[1, 3]), "shape [n]"),
     ("base64", triton_json(data=["***"]), "base64"),
     ("option", triton_json(top_k="x"), "top_k"),
+    # parseable but malformed: each was a 500 (AttributeError, RecursionError) or silently taken
+    ("parameters a list", {**triton_json(), "parameters": [1]}, "must be a JSON object"),
+    (
+        "input parameters",
+        {"inputs": [{**triton_json()["inputs"][0], "parameters": "x"}]},
+        "of input IMAGE must be a JSON object",
+    ),
+    (
+        "output parameters",
+        {**triton_json(), "outputs": [{"name": "CAPTION", "parameters": [1]}]},
+        "of output CAPTION must be a JSON object",
+    ),
+    ("binary flag a string", triton_json(binary_data_output="false"), "true or false"),
+    ("timeout not a number", triton_json(timeout="x"), "timeout must be a positive"),
+    ("timeout negative", triton_json(timeout=-5), "timeout must be a positive"),
 ]
 
 
@@ -218,3 +236,77 @@ def test_cli_bad_flags_are_one_line_and_exit_2(argv, words, capsys):
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1
+
+
+def test_protocol_edges(reference):
+    """What a QA pass found: unknown versions, router errors as JSON with the server header,
+    JSON nested past the parser, compressed requests, an option given twice, truncated
+    multipart, and a request's own timeout named in its 504."""
+    import tritonclient.http as httpclient
+
+    with serve() as live:
+        url, infer = live.url, f"{live.url}/v2/models/scenes/infer"
+        assert requests.get(f"{url}/v2/models/scenes/versions/1", timeout=10).status_code == 200
+        for path in ("versions/7", "versions/7/ready", "versions/7/config"):
+            answer = requests.get(f"{url}/v2/models/scenes/{path}", timeout=10)
+            assert answer.status_code == 404 and "no version '7'" in answer.json()["error"]
+        answer = requests.post(f"{url}/v2/models/scenes/versions/7/infer", json=triton_json())
+        assert answer.status_code == 404
+        live_answer = requests.get(f"{url}/v2/health/live", timeout=10)
+        assert live_answer.headers["X-Vedrt-Server"]  # every answer names its process
+        for path, status in (("/nope", 404), ("/v1/caption", 405)):  # the router's own answers
+            answer = requests.get(url + path, timeout=10)
+            assert answer.status_code == status and "error" in answer.json()
+            assert answer.headers["X-Vedrt-Server"] == live_answer.headers["X-Vedrt-Server"]
+
+        deep = requests.post(infer, data=b"[" * 100_000, timeout=10)
+        assert deep.status_code == 400 and "too deeply" in deep.json()["error"]
+
+        client = httpclient.InferenceServerClient(url=f"127.0.0.1:{live.port}")
+        image = httpclient.InferInput("IMAGE", [1], "BYTES")
+        image.set_data_from_numpy(np.array([PNG], dtype=object))
+        for algorithm in ("gzip", "deflate"):
+            result = client.infer("scenes", [image], request_compression_algorithm=algorithm)
+            assert [c.decode() for c in result.as_numpy("CAPTION")] == reference.caption(PNG)
+        weird = requests.post(infer, data=b"x", headers={"Content-Encoding": "br"}, timeout=10)
+        assert weird.status_code == 400 and "not supported" in weird.json()["error"]
+
+        twice = requests.post(f"{url}/v1/caption?num_beams=4&num_beams=1", data=PNG, timeout=60)
+        assert twice.status_code == 400 and "given twice" in twice.json()["error"]
+        same = requests.post(f"{url}/v1/caption?num_beams=2&num_beams=2", data=PNG, timeout=60)
+        assert same.json()["captions"] == reference.caption(PNG, num_beams=2)
+
+        part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        kind = {"Content-Type": "Multipart/Form-Data; boundary=b"}  # any case
+        whole = requests.post(f"{url}/v1/caption", data=part + PNG + b"\r\n--b--\r\n", headers=kind)
+        assert whole.json()["captions"] == reference.caption(PNG)
+        cut = requests.post(f"{url}/v1/caption", data=part + PNG[:40], headers=kind, timeout=60)
+        assert cut.status_code == 400 and "truncated" in cut.json()["error"]
+
+        late = requests.post(infer, json=triton_json(timeout=1), timeout=60)
+        assert late.status_code == 504 and "1e-06 s" in late.json()["error"]
+
+
+def test_a_very_large_photo_is_captioned_as_the_library_captions_it(reference, tmp_path):
+    """Over 16.7 megapixels the library decodes a JPEG reduced; the server did not, and its
+    caption differed."""
+    from PIL import Image
+
+    side = 4200
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    pixels = np.stack(
+        [
+            ramp[:, None] + 0 * ramp,
+            ramp[None, :] + 0 * ramp[:, None],
+            255 - ramp[:, None] + 0 * ramp,
+        ],
+        -1,
+    )
+    path = tmp_path / "big.jpg"
+    Image.fromarray(pixels.astype(np.uint8)).save(path, quality=80)
+    with serve() as live:
+        served = live.service._prepare([path.read_bytes()])  # what the server feeds the engine
+        np.testing.assert_array_equal(served, reference.preprocess([path]))
+        answer = caption(live.url, path.read_bytes())
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["captions"] == reference.caption(path)

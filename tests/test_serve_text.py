@@ -122,6 +122,18 @@ def test_v1_generate_json_and_form(server, reference):
     assert answer.status_code == 200, answer.text
     assert answer.json()["outputs"] == reference.generate_text(TEXTS, **GREEDY)
 
+    # the JSON body's other keys are options, as a form's other fields are (they were ignored)
+    in_body = requests.post(f"{server.url}/v1/generate", json={"texts": TEXTS, **BEAMS}, timeout=60)
+    assert in_body.json() == {"outputs": reference.generate_text(TEXTS, **BEAMS)}
+    for extra, words in (
+        ({"bogus": 1}, "unknown option 'bogus'"),
+        ({"max_new_tokens": 99}, "twice"),
+    ):
+        answer = requests.post(
+            f"{server.url}/v1/generate", params=GREEDY, json={"texts": TEXTS, **extra}, timeout=60
+        )
+        assert answer.status_code == 400 and words in answer.json()["error"], answer.text
+
     files = [("text", (None, t)) for t in TEXTS[:2]] + [("max_new_tokens", (None, "6"))]
     answer = requests.post(f"{server.url}/v1/generate", files=files, timeout=60)
     assert answer.status_code == 200, answer.text

@@ -381,3 +381,7 @@ def load_image(source: Any, *, max_pixels: int = MAX_PIXELS, keep_short_side: in
         raise InputError(f"{name}: unreadable or truncated image ({exc})") from None
     except MemoryError:
         raise InputError(f"{name}: not enough memory to decode this image") from None
+    except Exception as exc:  # noqa: BLE001  (a decoder's own failure on a malformed file)
+        # Pillow's plugins raise more than OSError on crafted input (NotImplementedError from a
+        # mutated DDS, struct.error, IndexError...): still this one image's error, never a crash
+        raise InputError(f"{name}: unreadable image ({type(exc).__name__}: {exc})") from None

@@ -6,10 +6,12 @@ Handlers only parse and answer; everything slow runs off the event loop (see ser
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
+import sys
 import time
+import traceback
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,7 +19,9 @@ from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -30,6 +34,7 @@ from .service import ServeOptions, Service
 MAX_FORM_FILES = 256
 # Which process answered: tells Ray Serve replicas (and load-balanced servers) apart.
 SERVER_ID = f"{socket.gethostname()}:{os.getpid()}"
+SERVER_BYTES = SERVER_ID.encode("latin-1", "replace")
 
 
 def build_app(options: ServeOptions | None = None, service: Service | None = None) -> Starlette:
@@ -62,9 +67,44 @@ def build_app(options: ServeOptions | None = None, service: Service | None = Non
         Route("/v1/generate", _endpoint(service, "generate", _generate), methods=["POST"]),
         Route("/metrics", lambda r: _metrics(service)),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(_ServerHeader)],
+        exception_handlers={HTTPException: _http_error},
+    )
     app.state.service = service
     return app
+
+
+class _ServerHeader:
+    """Every answer names the process that gave it (`X-Vedrt-Server`): health, metadata, errors
+    and the router's 404s too, so Ray Serve replicas and load-balanced servers can be told apart."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_named(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                message = {**message, "headers": [*headers, (b"x-vedrt-server", SERVER_BYTES)]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    """The router's own answers (an unknown path 404, a wrong method 405) as `{"error": ...}`."""
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", "") or "error"
+    return JSONResponse(
+        {"error": str(detail)}, status_code=status, headers=getattr(exc, "headers", None)
+    )
 
 
 def _server_metadata() -> dict[str, Any]:
@@ -84,7 +124,7 @@ def _model_route(service: Service, handler):
 
     async def route(request: Request) -> Response:
         try:
-            service.check_model(request.path_params["name"])
+            _check_model(service, request)
         except ServeError as exc:
             return _error(exc)
         return handler(service)
@@ -124,15 +164,27 @@ def _endpoint(service: Service, name: str, handler):
             response = await handler(service, request)
         except ServeError as exc:
             response, outcome = _error(exc), exc.outcome
+        except Exception as exc:  # a bug of ours: a 500 that says so, counted, the rest go on
+            traceback.print_exc(file=sys.stderr)
+            response = _error(ServeError(500, f"internal error: {type(exc).__name__}: {exc}"))
         service.metrics.observe(name, response.status_code, time.monotonic() - start, outcome)
-        response.headers["X-Vedrt-Server"] = SERVER_ID
         return response
 
     return route
 
 
-async def _infer(service: Service, request: Request) -> Response:
+def _check_model(service: Service, request: Request) -> None:
+    """404 for a model, or a version of it, this server does not have (it serves version 1)."""
     service.check_model(request.path_params["name"])
+    version = request.path_params.get("version")
+    if version is not None and version != "1":
+        raise ServeError(
+            404, f"model {service.name!r} has no version {version!r} (its versions: 1)"
+        )
+
+
+async def _infer(service: Service, request: Request) -> Response:
+    _check_model(service, request)
     service.admit()  # a full queue answers at once, before reading the body
     body = await _read_body(request, service.options.max_body_mb)
     header_length = request.headers.get("inference-header-content-length")
@@ -153,13 +205,16 @@ async def _form_request(
     (None when the body is not multipart; their other fields are options too). Returns (items,
     options, body, content type)."""
     service.admit()
-    options = {k: images.parse_text_value(v) for k, v in request.query_params.items()}
+    options: dict[str, Any] = {}
+    query = [(k, images.parse_text_value(v)) for k, v in request.query_params.multi_items()]
+    for name, value in query:
+        _merge_options(options, {name: value})
     body = await _read_body(request, service.options.max_body_mb)
-    content_type = request.headers.get("content-type", "")
+    content_type = request.headers.get("content-type", "").lower()
     items = None
     if content_type.startswith("multipart/form-data"):
         items, fields = _split_form(await _form(request, body), field, kind)
-        options.update(fields)
+        _merge_options(options, fields)
     return items, options, body, content_type
 
 
@@ -184,9 +239,10 @@ async def _generate(service: Service, request: Request) -> Response:
     if texts is None:
         if content_type.startswith("application/x-www-form-urlencoded") and not _looks_json(body):
             texts, fields = _split_form(_urlencoded(body), "text", str)
-            options.update(fields)
+            _merge_options(options, fields)
         else:
-            texts = _json_texts(body)
+            texts, fields = _json_texts(body)
+            _merge_options(options, fields)
     if not texts:
         raise bad_request("no text: send {\"texts\": [...]} as JSON, or form fields named 'text'")
     answer = await service.generate(texts, options, _disconnected(request))
@@ -198,11 +254,10 @@ def _looks_json(body: bytes) -> bool:
     return body.lstrip().startswith(b"{")
 
 
-def _json_texts(body: bytes) -> list[str]:
-    try:
-        payload = json.loads(body) if body else {}
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the body is not valid JSON ({exc})") from None
+def _json_texts(body: bytes) -> tuple[list[str], dict[str, Any]]:
+    """{"texts": [...], option: value, ...}: the texts, and the body's other keys as options (so
+    {"texts": [...], "num_beams": 4} is not a silent greedy run; unknown names are 400s)."""
+    payload = protocol.load_json(body, "the body") if body else {}
     texts = payload.get("texts") if isinstance(payload, dict) else None
     if texts is None:
         raise bad_request('the JSON body must be {"texts": ["...", ...]}')
@@ -210,13 +265,24 @@ def _json_texts(body: bytes) -> list[str]:
         texts = [texts]
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise bad_request("'texts' must be a list of strings")
-    return texts
+    return texts, {k: v for k, v in payload.items() if k != "texts"}
+
+
+def _merge_options(options: dict[str, Any], more: dict[str, Any]) -> None:
+    """Options from a second place (form fields, JSON keys) beside the query's: one value each."""
+    for name, value in more.items():
+        if name in options and options[name] != value:
+            raise bad_request(f"option {name!r} is given twice, as {options[name]!r} and {value!r}")
+        options[name] = value
 
 
 def _urlencoded(body: bytes) -> list[tuple[str, Any]]:
     try:
-        return parse_qsl(
-            body.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_FORM_FILES
+        return parse_qsl(  # strict: a %ff is an error, not a U+FFFD in someone's text
+            body.decode("utf-8"),
+            keep_blank_values=True,
+            max_num_fields=MAX_FORM_FILES,
+            errors="strict",
         )
     except (UnicodeDecodeError, ValueError) as exc:
         raise bad_request(f"bad form body ({exc})") from None
@@ -234,7 +300,25 @@ async def _read_body(request: Request, max_mb: float) -> bytes:
         if size > limit:
             raise bad_request(f"the body is over --max-body-mb={max_mb:g}")
         chunks.append(chunk)
-    return b"".join(chunks)
+    return _decoded(b"".join(chunks), request.headers.get("content-encoding"), limit, max_mb)
+
+
+def _decoded(body: bytes, encoding: str | None, limit: int, max_mb: float) -> bytes:
+    """The body as sent, or inflated for `Content-Encoding: gzip` / `deflate` (what
+    tritonclient's request_compression_algorithm sends), never past the body limit."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise bad_request(f"Content-Encoding {encoding!r} is not supported (gzip and deflate are)")
+    inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)  # a gzip or zlib header, either
+    try:
+        plain = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise bad_request(f"the {encoding} body does not decompress ({exc})") from None
+    if len(plain) > limit or inflater.unconsumed_tail:
+        raise bad_request(f"the body, decompressed, is over --max-body-mb={max_mb:g}")
+    return plain
 
 
 async def _form(request: Request, body: bytes) -> list[tuple[str, Any]]:
@@ -250,6 +334,10 @@ async def _form(request: Request, body: bytes) -> list[tuple[str, Any]]:
         form = await parser.parse()
     except MultiPartException as exc:
         raise bad_request(f"bad multipart body: {exc.message}") from None
+    _, _, boundary = request.headers.get("content-type", "").partition("boundary=")
+    boundary = boundary.split(";")[0].strip().strip('"')
+    if boundary and b"--" + boundary.encode("latin-1", "replace") + b"--" not in body:
+        raise bad_request("bad multipart body: truncated (it has no closing boundary)")
     items = []
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
@@ -280,7 +368,7 @@ def _split_form(items: list[tuple[str, Any]], field: str, kind: type) -> tuple[l
                 raise bad_request(f"field {key!r} must be a file upload")
             inputs.append(value)
         else:
-            options[key] = images.parse_text_value(value)
+            _merge_options(options, {key: images.parse_text_value(value)})
     return inputs, options
 
 

@@ -24,33 +24,26 @@ SERVER_OWNED_OPTIONS = (
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
 
-def open_image(blob: bytes, index: int, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Fully decoded RGB-able PIL image, or a 400 naming the image and the problem.
+def open_image(
+    blob: bytes,
+    index: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_short_side: int | None = None,
+):
+    """The decoded, upright image exactly as `Generator.caption` reads the same bytes
+    (`vedrt.runtime.preprocess.load_image`: a very large photo decoded reduced), or a 400 naming
+    the image and the problem. The pixel count is checked from the header, before decompression,
+    so a small file that would inflate to gigabytes (a decompression bomb) costs nothing."""
+    from ..runtime.preprocess import load_image
 
-    The pixel count is checked from the header, before decompression, so a small file that would
-    inflate to gigabytes (a decompression bomb) is refused without allocating it.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    name = f"image {index}"
     if not blob:
-        raise bad_request(f"{name}: empty")
+        raise bad_request(f"image {index}: empty")
+    stream = io.BytesIO(blob)
+    stream.name = f"image {index}"  # what load_image's messages call it
     try:
-        image = Image.open(io.BytesIO(blob))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise bad_request(
-                f"{name}: {width}x{height} pixels is over the limit of {max_pixels} "
-                "(decompression bomb?)"
-            )
-        image.load()  # decode now: a truncated file fails here, not in the engine
-        return image
-    except Image.DecompressionBombError as exc:
-        raise bad_request(f"{name}: decompression bomb ({exc})") from None
-    except UnidentifiedImageError:
-        raise bad_request(f"{name}: not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise bad_request(f"{name}: unreadable or truncated image ({exc})") from None
+        return load_image(stream, max_pixels=max_pixels, keep_short_side=keep_short_side)
+    except InputError as exc:
+        raise bad_request(str(exc)) from None
 
 
 def total_pixels(blobs: list[bytes]) -> int | None:
@@ -76,7 +69,7 @@ def parse_text_value(text: str) -> Any:
         return lowered == "true"
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON (or nested past the parser): the string
         return text
 
 
@@ -91,7 +84,7 @@ def generation_options(generator: Any, raw: dict[str, Any]) -> Any:
         return generator.options(**raw)
     except TypeError as exc:
         if "unexpected keyword argument" in str(exc):
-            name = str(exc).rsplit(" ", 1)[-1]
+            name = str(exc).split("unexpected keyword argument ", 1)[1]  # repr: spaces and all
             raise bad_request(f"unknown option {name} (options are generate()'s names)") from None
         raise bad_request(f"bad option value: {_culprit(generator, raw)}{exc}") from None
     except InputError as exc:

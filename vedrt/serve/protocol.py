@@ -107,19 +107,42 @@ def parse_infer(body: bytes, header_length: str | None, tensors: Tensors = IMAGE
     items, used = _input_tensor(inputs[0], binary, tensors)
     if used != len(binary):
         raise bad_request(f"{len(binary) - used} bytes of binary data belong to no input")
-    params = header.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise bad_request("'parameters' must be a JSON object")
-    binary_all = bool(params.get(BINARY_DATA_OUTPUT, False))
+    params = _parameters(header, "the request")
+    binary_all = _flag(params, BINARY_DATA_OUTPUT, False, "the request")
     options = {k: v for k, v in params.items() if k not in RESERVED and k != BINARY_DATA_OUTPUT}
-    timeout = params.get("timeout")
     return InferRequest(
         id=header.get("id"),
         items=items,
         options=options,
         outputs=_requested_outputs(header.get("outputs"), binary_all, tensors),
-        timeout=timeout / 1e6 if isinstance(timeout, int | float) and timeout > 0 else None,
+        timeout=_timeout(params.get("timeout")),
     )
+
+
+def _parameters(owner: dict[str, Any], where: str) -> dict[str, Any]:
+    """`owner["parameters"]`: absent, or a JSON object (a list or a string is a 400)."""
+    params = owner.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise bad_request(f"'parameters' of {where} must be a JSON object, got {params!r:.60}")
+    return params
+
+
+def _flag(params: dict[str, Any], name: str, default: bool, where: str) -> bool:
+    value = params.get(name, default)
+    if not isinstance(value, bool):  # "false" would be truthy
+        raise bad_request(f"{name} of {where} must be true or false, got {value!r:.60}")
+    return value
+
+
+def _timeout(value: Any) -> float | None:
+    """Triton's `timeout` parameter (microseconds) as seconds; None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise bad_request(f"timeout must be a positive number of microseconds, got {value!r:.60}")
+    return value / 1e6
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
@@ -133,10 +156,17 @@ def _split(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
         if not 0 < size <= len(body):
             raise bad_request(f"Inference-Header-Content-Length {size} does not fit the body")
         json_part, binary = body[:size], body[size:]
+    return load_json(json_part, "the request header"), binary
+
+
+def load_json(data: bytes, what: str) -> Any:
+    """JSON from a client, or a 400 (nesting too deep for the parser is one too)."""
     try:
-        return json.loads(json_part), binary
+        return json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request header is not valid JSON ({exc})") from None
+        raise bad_request(f"{what} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise bad_request(f"{what} nests too deeply to parse") from None
 
 
 def _input_tensor(
@@ -155,7 +185,7 @@ def _input_tensor(
     ):
         raise bad_request(f"{name} must have shape [n] (n >= 1 {tensors.item}s), got {shape!r}")
     count = shape[0]
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(tensor, f"input {name}").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or size > len(binary):
             raise bad_request(f"{name}: binary_data_size {size!r} does not fit the body")
@@ -217,10 +247,10 @@ def _requested_outputs(outputs: Any, binary_all: bool, tensors: Tensors) -> dict
         if name not in tensors.outputs:
             available = ", ".join(tensors.outputs)
             raise bad_request(f"unknown output {name!r} (available: {available})")
-        params = item.get("parameters") or {}
+        params = _parameters(item, f"output {name}")
         if "classification" in params:
             raise bad_request("the classification extension is not supported")
-        requested[name] = bool(params.get("binary_data", binary_all))
+        requested[name] = _flag(params, "binary_data", binary_all, f"output {name}")
     return requested
 
 

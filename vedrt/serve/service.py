@@ -236,9 +236,11 @@ class Service:
 
     def _prepare(self, blobs: list[bytes]) -> np.ndarray:
         """Worker thread: bytes -> pixel values (PIL decoding and resizing release the GIL)."""
-        pictures = [images.open_image(b, i, self.options.max_pixels) for i, b in enumerate(blobs)]
+        keep = self.generator.processor.keep_short_side
+        limit = self.options.max_pixels
+        pictures = [images.open_image(b, i, limit, keep) for i, b in enumerate(blobs)]
         try:
-            return self.generator.preprocess(pictures)
+            return self.generator.processor(pictures)
         except InputError as exc:
             raise bad_request(str(exc)) from None
 
@@ -300,7 +302,7 @@ class Service:
                     outcome="disconnected",
                 )
             raise ServeError(
-                504, f"the request took longer than {self.options.request_timeout:g} s; cancelled"
+                504, f"the request took longer than {deadline - arrival:g} s; cancelled"
             )
         if handle.started_at is not None:
             self.metrics.queue_time.observe(max(0.0, handle.started_at - arrival))
