@@ -105,3 +105,11 @@ def test_unwritable_explain_path_keeps_the_captions() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "/nonexistent/a.png" in lines[0] and "Traceback" not in lines[0]
     assert result.returncode == 1
+
+
+def test_closed_stdout_is_an_error_not_silence() -> None:
+    """Started with stdout closed (`>&-`), print() writes nowhere: every caption would be lost
+    with exit 0."""
+    result = _vedrt("caption", IMAGES[0], stdout=None, preexec_fn=lambda: os.close(1))
+    assert result.returncode == 2
+    assert "stdout is closed" in result.stderr

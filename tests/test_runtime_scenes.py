@@ -139,6 +139,40 @@ def test_cli_folder_stands_for_its_images(tmp_path: Path, capsys) -> None:
     assert "1 of 4 images failed" in captured.err
 
 
+def test_cli_explain_never_writes_over_a_file(tmp_path: Path, capsys) -> None:
+    """Not over an image being captioned (it was read after its map replaced it, and captioned
+    wrong), not over anything else: a usage error before any work."""
+    import shutil
+
+    photo, notes = tmp_path / "b.png", tmp_path / "notes.txt"
+    shutil.copy(IMAGES[1], photo)
+    notes.write_text("mine")
+    for target in (photo, notes):
+        before = target.read_bytes()
+        assert (
+            main(
+                [
+                    "caption",
+                    "--batch-size",
+                    "1",
+                    "--explain",
+                    str(target),
+                    str(IMAGES[0]),
+                    str(photo),
+                ]
+            )
+            == 2
+        )
+        assert target.read_bytes() == before
+        assert "exists: vedrt does not overwrite files" in capsys.readouterr().err
+    (tmp_path / "map-2.png").write_bytes(b"x")  # the second image's map name is taken
+    assert (
+        main(["caption", "--explain", str(tmp_path / "map.png"), str(IMAGES[0]), str(IMAGES[1])])
+        == 2
+    )
+    assert not (tmp_path / "map.png").exists()
+
+
 def test_cli_explain_writes_a_map_per_image(tmp_path: Path, capsys) -> None:
     from PIL import Image
 

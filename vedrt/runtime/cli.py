@@ -70,8 +70,11 @@ def _print(path: str, caption: str, as_json: bool) -> None:
     from ..cli import discard_stdout
     from ..errors import UsageError
 
+    # a file name that is not UTF-8 holds surrogate escapes: \u-escape them, or the JSON line
+    # would carry raw non-UTF-8 bytes
+    ascii_only = any("\udc80" <= ch <= "\udcff" for ch in path)
     line = (
-        json.dumps({"image": path, "caption": caption}, ensure_ascii=False)
+        json.dumps({"image": path, "caption": caption}, ensure_ascii=ascii_only)
         if as_json
         else f"{path}\t{caption}"
     )
@@ -125,6 +128,20 @@ def expand_folders(paths: list[str]) -> tuple[list[str], list[str]]:
             errors.append(f"{path}: a folder without image files ({', '.join(IMAGE_SUFFIXES)})")
         images += found
     return images, errors
+
+
+def check_explain_paths(out: str, images: list[str]) -> None:
+    """Attention maps never replace a file: not an image being captioned (it would be read after
+    its map was written over it), not anything else the user has."""
+    from ..errors import UsageError
+
+    for index in range(len(images)):
+        path = explain_path(out, index)
+        if path.exists() or path.is_symlink():
+            raise UsageError(
+                f"--explain would write {path}, which exists: vedrt does not overwrite files "
+                "(remove it, or choose another --explain name)"
+            )
 
 
 def read_image(generator, path: str, keep: int | None, explain: bool) -> tuple:
@@ -195,6 +212,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.images:
         raise UsageError("no images given (vedrt caption IMAGE ... [--model EXPORT_DIR])")
+    if sys.stdout is None:  # started with stdout closed: print() would drop every caption
+        raise UsageError("stdout is closed: there is nowhere to write the captions")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     options = _options(args)
@@ -207,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
 
     images, errors = expand_folders(args.images)
+    if args.explain:
+        check_explain_paths(args.explain, images)
     for error in errors:
         print(f"vedrt caption: error: {error}", file=sys.stderr, flush=True)
     failed, map_failed = len(errors), False
