@@ -331,3 +331,31 @@ def test_train_from_pretrained_parts(tmp_path: Path) -> None:
     model = VisionEncoderDecoderModel.from_pretrained(out)
     assert model.config.decoder.add_cross_attention and hasattr(model, "enc_to_dec_proj")
     assert (out / "preprocessor_config.json").is_file()
+
+
+def test_train_refuses_bad_arguments_and_other_peoples_folders(tmp_path, capsys) -> None:
+    """Checked before anything loads: OUT is never a folder of files vedrt train did not write
+    (training replaces config.json, the weights and the tokenizer there), never an input."""
+    from vedrt.cli import main
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text("{}")
+    (tmp_path / "a-file").write_text("x")
+    cases = [
+        (["--out", str(theirs)], "did not write"),
+        (["--out", str(tmp_path / "a-file")], "a file, not a folder"),
+        (["--out", str(tmp_path / "new"), "--steps", "0"], "--steps must be >= 1"),
+        (["--out", str(tmp_path / "new"), "--lr", "-1"], "--lr must be > 0"),
+        (["--out", str(tmp_path / "new"), "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--out", str(tmp_path / "new"), "--task", "text", "--data", "x"], "scenes only"),
+        (
+            ["--out", str(theirs), "--encoder", str(theirs), "--decoder", str(theirs)],
+            "did not write",
+        ),
+    ]
+    for args, words in cases:
+        assert main(["train", *args]) == 2, args
+        assert words in capsys.readouterr().err, args
+    assert (theirs / "config.json").read_text() == "{}"
+    assert not (tmp_path / "new").exists()

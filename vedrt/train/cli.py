@@ -54,18 +54,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"(default {f.default})",
         )
     loop = parser.add_argument_group("training")
-    loop.add_argument("--steps", type=int, default=4000)
-    loop.add_argument("--batch-size", type=int, default=32)
-    loop.add_argument("--lr", type=float, default=1e-3)
+    loop.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps (default 4000; text: 1500)"
+    )
+    loop.add_argument("--batch-size", type=int, default=32, help="(default 32)")
+    loop.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default 1e-3; text: 2e-3)"
+    )
     loop.add_argument(
         "--eval-steps", type=int, default=500, help="validate (and checkpoint) every N steps"
     )
     loop.add_argument("--workers", type=int, default=1, help="data loader processes (default 1)")
-    loop.add_argument("--seed", type=int, default=0)
+    loop.add_argument("--seed", type=int, default=0, help="(default 0)")
     loop.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
     )
     loop.add_argument("--resume", action="store_true", help="continue from OUT/trainer-state")
+
+
+TRAIN_MARKERS = ("train_info.json", "trainer-state")  # what vedrt train writes into OUT
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every value checked before anything heavy loads, and OUT never a folder of someone
+    else's files: training writes config.json, model.safetensors and the tokenizer's files there."""
+    for name in ("steps", "batch_size", "eval_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.workers < 0 or args.valid_size < 0:
+        raise UsageError("--workers and --valid-size must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in TRAIN_MARKERS):
+        raise UsageError(
+            f"--out {out}: a folder with files vedrt train did not write; training would replace "
+            "them (choose a new or empty folder)"
+        )
+    for given in (args.encoder, args.decoder, args.tokenizer, args.data):
+        if given and Path(given).resolve() == out.resolve():
+            raise UsageError(f"--out {out} is also an input: choose another folder")
+    if args.task == "text":
+        mixed = [
+            f"--{n}"
+            for n in ("data", "images", "encoder", "decoder", "tokenizer")
+            if getattr(args, n)
+        ]
+        if mixed:
+            raise UsageError(
+                f"--task text trains on its own data and model ({', '.join(mixed)}: scenes only)"
+            )
 
 
 def run_text(args: argparse.Namespace) -> int:
@@ -75,8 +118,8 @@ def run_text(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    steps = args.steps if args.steps != 4000 else 1500  # the scene default is not the text one
-    lr = args.lr if args.lr != 1e-3 else 2e-3
+    steps = args.steps if args.steps is not None else 1500  # the text model's own defaults
+    lr = args.lr if args.lr is not None else 2e-3
     info = train_text(Path(args.out), steps, args.batch_size, lr, args.seed)
     print(
         f"saved {args.out}: {info['parameters']:,} parameters, {info['train_seconds']:.0f} s, "
@@ -87,8 +130,11 @@ def run_text(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     if args.task == "text":
         return run_text(args)
+    args.steps = args.steps if args.steps is not None else 4000
+    args.lr = args.lr if args.lr is not None else 1e-3
     if bool(args.encoder) != bool(args.decoder):
         raise UsageError("--encoder and --decoder go together")
     if args.data:
@@ -133,7 +179,10 @@ def run(args: argparse.Namespace) -> int:
         )
         max_tokens = 64
     else:
-        model = build.model_from_configs(sizes, len(tokenizer), args.seed)
+        try:
+            model = build.model_from_configs(sizes, len(tokenizer), args.seed)
+        except ValueError as exc:  # sizes transformers refuses (hidden size vs heads, ...)
+            raise UsageError(f"model sizes: {exc}") from None
         processor = build.image_processor(sizes.image_size)
         max_tokens = sizes.max_positions
     build.set_special_ids(model, tokenizer, max_tokens)
