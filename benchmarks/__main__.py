@@ -22,7 +22,23 @@ DEFAULT_WORK = Path.home() / ".cache" / "vedrt-bench"
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    """Comma-separated counts, each at least 1 (a 0 made a run with an empty table)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: comma-separated integers, e.g. 1,8,32"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be at least 1")
+    return values
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch", type=_ints, default=[1], help="batch sizes, e.g. 1,8,32")
     parser.add_argument("--beams", type=_ints, default=[4, 1], help="beam counts (1: greedy)")
-    parser.add_argument("--new-tokens", type=int, default=16, help="new tokens, forced (min = max)")
+    parser.add_argument(
+        "--new-tokens",
+        type=_positive,
+        default=16,
+        help="new tokens, forced (min = max; default 16)",
+    )
     parser.add_argument(
         "--full", action="store_true", help="every model, batch 1,8,32, beam 4 and greedy"
     )
@@ -45,11 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--precisions", default="fp32,int8", help="vedrt exports to prepare")
     parser.add_argument(
-        "--device", default="cpu", help="cpu, or cuda with benchmarks/backends_gpu.py"
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="cpu (default), or cuda with benchmarks/backends_gpu.py",
     )
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every backend")
     parser.add_argument(
-        "--reps", type=int, default=5, help="timed repetitions per backend and setting"
+        "--threads", type=_positive, default=2, help="intra-op threads of every backend (default 2)"
+    )
+    parser.add_argument(
+        "--reps", type=_positive, default=5, help="timed repetitions per backend and setting"
     )
     parser.add_argument("--warmups", type=int, default=1, help="untimed runs after the token check")
     parser.add_argument(
@@ -91,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     settings = [Setting(b, k, args.new_tokens) for b in args.batch for k in args.beams]
     precisions = tuple(p for p in args.precisions.split(",") if p)
     backends = _selected(args)
+    if not backends:
+        raise SystemExit(f"vedrt bench: error: no backend matches --backends {args.backends!r}")
     log_dir = args.work_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -101,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     specs = []
     for name in [m for m in args.models.split(",") if m]:
-        spec = prepare(name, args.work_dir, precisions, log)
+        try:
+            spec = prepare(name, args.work_dir, precisions, log)
+        except (ValueError, RuntimeError) as exc:  # not a model; an export that failed
+            raise SystemExit(f"vedrt bench: error: {exc}") from None
         if spec is None:
             log(f"{name}: not available here, skipped")
         else:

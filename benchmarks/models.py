@@ -8,6 +8,7 @@ minutes on 2 cores and is not what is being measured.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -88,10 +89,18 @@ def ensure_export(checkpoint: Path, out: Path, precision: str, log: Callable[[st
     from vedrt.manifest import read_manifest
 
     reason = "none there"
+    source = out.with_name(out.name + ".source.json")  # which checkpoint the export came from
+    fingerprint = checkpoint_fingerprint(checkpoint)
     if (out / "vedrt.json").is_file():
         try:
             read_manifest(out)
-            return out
+            if source.is_file() and json.loads(source.read_text()) == fingerprint:
+                return out
+            reason = (
+                "exported from another checkpoint, or this one changed since"
+                if source.is_file()
+                else "no record of the checkpoint it was exported from"
+            )
         except VedrtError as exc:
             reason = str(exc).split(";")[0]
     log(
@@ -105,7 +114,20 @@ def ensure_export(checkpoint: Path, out: Path, precision: str, log: Callable[[st
     done = subprocess.run([*command, *quantize], stdin=subprocess.DEVNULL, stdout=2, check=False)
     if done.returncode:
         raise RuntimeError(f"exporting {checkpoint} ({precision}) failed: exit {done.returncode}")
+    source.write_text(json.dumps(fingerprint, indent=1) + "\n")
     return out
+
+
+def checkpoint_fingerprint(checkpoint: Path) -> dict:
+    """Where a checkpoint is and its files' sizes and times: a cached export is benchmarked
+    only for the checkpoint it was made from (another one of the same folder name, or this one
+    retrained, used to get the old export)."""
+    files = {}
+    for path in sorted(checkpoint.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            files[path.name] = [stat.st_size, stat.st_mtime_ns]
+    return {"checkpoint": str(checkpoint.resolve()), "files": files}
 
 
 def _image_size(config: dict) -> tuple[int, int]:
@@ -129,7 +151,8 @@ def prepare(
                 f"{name}: neither a known model ({', '.join(MODELS)}) nor a checkpoint"
             )
         name = checkpoint.name
-        root = work_dir / name
+        # two checkpoints of one folder name (runs/a/ck, runs/b/ck) keep apart caches
+        root = work_dir / f"{name}-{hashlib.sha1(str(checkpoint).encode()).hexdigest()[:8]}"
     exports = {p: ensure_export(checkpoint, root / p, p, log) for p in precisions}
     config = json.loads((checkpoint / "config.json").read_text())
     return ModelSpec(name, checkpoint, exports, _image_size(config), root)

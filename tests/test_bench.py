@@ -195,3 +195,40 @@ def test_profile_runs_on_the_shipped_model():
     assert split["total_s"] > 0 and split["decode_s"] > 0
     step = profile_decoder(scenes, beams=2, past=4, threads=1, steps=2)
     assert step["kernel_total_s"] > 0 and "Gemm" in step["kernel_s_by_op"]
+
+
+def test_a_cached_export_is_used_only_for_the_checkpoint_it_came_from(tmp_path, monkeypatch):
+    """Exports are cached by folder: another checkpoint of the same folder name, or this one
+    retrained, was benchmarked against the old export (and reported 0% identical)."""
+    import shutil
+    import subprocess
+
+    from benchmarks import models
+
+    shipped = Path(models.__file__).resolve().parent.parent / "vedrt" / "models" / "scenes"
+    exports = []
+
+    def fake_export(command, **_kwargs):  # the shipped export stands in for a real one
+        out = Path(command[5])
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(shipped, out)
+        exports.append(Path(command[4]))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(models.subprocess, "run", fake_export)
+    first, second = tmp_path / "a" / "ck", tmp_path / "b" / "ck"
+    for checkpoint in (first, second):
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "config.json").write_text(json.dumps({"encoder": {"image_size": 32}}))
+    out = tmp_path / "cache" / "fp32"
+    log = lambda _message: None  # noqa: E731
+    models.ensure_export(first, out, "fp32", log)
+    models.ensure_export(first, out, "fp32", log)  # cached
+    models.ensure_export(second, out, "fp32", log)  # same folder name, another checkpoint
+    (second / "model.safetensors").write_bytes(b"retrained")
+    models.ensure_export(second, out, "fp32", log)  # changed since
+    assert exports == [first, second, second]
+    roots = {
+        models.prepare(str(c), tmp_path / "work", ("fp32",), log).work_dir for c in (first, second)
+    }
+    assert len(roots) == 2  # and the two get caches of their own
