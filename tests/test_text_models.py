@@ -203,6 +203,21 @@ def test_generate_text_and_the_cli(tmp_path, capsys, monkeypatch):
     assert [line["output"] for line in lines] == expected
     assert main([*args, "--num-beams", "0", "w5"]) == 2
     assert "num_beams" in capsys.readouterr().err
+    # one empty or too long text is its own error: the others are still answered, exit 1
+    too_long = " ".join(["w5"] * 600)
+    assert main([*args, "--max-new-tokens", "6", texts[0], "", too_long, texts[1]]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"{texts[0]}\t{expected[0]}", f"{texts[1]}\t{expected[1]}"]
+    assert "text 2: empty" in captured.err and "text 3: texts of 600 tokens" in captured.err
+    assert "2 of 4 texts failed" in captured.err
+    stdin = io.TextIOWrapper(
+        io.BytesIO(b"w5 w6 w7 w8\n\xff\xfe\n"), encoding="utf-8", errors="surrogateescape"
+    )
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert main([*args, "--max-new-tokens", "6"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"{texts[0]}\t{expected[0]}"]
+    assert "line 2: not valid UTF-8" in captured.err
 
 
 def shifted_tokenizer():

@@ -40,10 +40,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _texts(args: argparse.Namespace) -> list[str]:
+def _texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(texts, errors): the arguments, or stdin's non-blank lines; a line or argument that is not
+    UTF-8 is an error of its own (tokenizers refuse the escapes Python decodes it to)."""
     if args.texts and args.texts != ["-"]:
-        return list(args.texts)
-    return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        raw = [
+            (f"argument {i + 1}", t.encode("utf-8", "surrogateescape"))
+            for i, t in enumerate(args.texts)
+        ]
+    else:
+        stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin
+        raw = [(f"line {i + 1}", line) for i, line in enumerate(stream)]
+    texts, errors = [], []
+    for where, data in raw:
+        try:
+            text = data.decode("utf-8") if isinstance(data, bytes) else data
+        except UnicodeDecodeError:
+            errors.append(f"{where}: not valid UTF-8")
+            continue
+        text = text.rstrip("\r\n") if where.startswith("line") else text
+        if text.strip() or not where.startswith("line"):  # blank stdin lines are skipped
+            texts.append(text)
+    return texts, errors
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,24 +80,60 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"{args.model} is an image model: use `vedrt caption`")
     except InputError as exc:
         raise UsageError(str(exc)) from None
-    texts = _texts(args)
-    if not texts:
+    texts, errors = _texts(args)
+    for error in errors:
+        print(f"vedrt generate: error: {error}", file=sys.stderr, flush=True)
+    if not texts and not errors:
         raise UsageError("no texts given (as arguments or one per line on stdin)")
+    if sys.stdout is None:  # started with stdout closed: print() would drop every output
+        raise UsageError("stdout is closed: there is nowhere to write the outputs")
     per_text = options.get("num_return_sequences", 1)
+    failed = len(errors)
     for start in range(0, len(texts), args.batch_size):
         chunk = texts[start : start + args.batch_size]
+        for done, outputs in _generate(generator, chunk, options):
+            if isinstance(outputs, InputError):  # this text alone: the others go on
+                print(f"vedrt generate: error: text {start + done + 1}: {outputs}", file=sys.stderr)
+                failed += 1
+                continue
+            for i, output in enumerate(outputs):
+                _print(chunk[done + i // per_text], output, args.json, discard_stdout)
+    if failed:
+        print(
+            f"vedrt generate: {failed} of {len(texts) + len(errors)} texts failed", file=sys.stderr
+        )
+    return 1 if failed else 0
+
+
+def _generate(generator, chunk: list[str], options: dict):
+    """(index in chunk, outputs) for the chunk in one call; when the call fails (one text is
+    empty or too long), each text alone, a failure standing in for that text's outputs."""
+    from ..errors import InputError
+
+    try:
+        outputs = generator.generate_text(chunk, **options)
+    except InputError as exc:
+        if len(chunk) == 1:
+            yield 0, exc
+            return
+    else:
+        yield 0, outputs
+        return
+    for index, text in enumerate(chunk):
         try:
-            outputs = generator.generate_text(chunk, **options)
+            yield index, generator.generate_text([text], **options)
         except InputError as exc:
-            raise UsageError(str(exc)) from None
-        for i, output in enumerate(outputs):
-            text = chunk[i // per_text]
-            line = json.dumps({"text": text, "output": output}, ensure_ascii=False)
-            try:
-                print(line if args.json else f"{text}\t{output}", flush=True)
-            except BrokenPipeError:
-                raise
-            except OSError as exc:
-                discard_stdout()
-                raise UsageError(f"cannot write the outputs: {exc.strerror or exc}") from None
-    return 0
+            yield index, exc
+
+
+def _print(text: str, output: str, as_json: bool, discard_stdout) -> None:
+    from ..errors import UsageError
+
+    line = json.dumps({"text": text, "output": output}, ensure_ascii=False)
+    try:
+        print(line if as_json else f"{text}\t{output}", flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        discard_stdout()
+        raise UsageError(f"cannot write the outputs: {exc.strerror or exc}") from None

@@ -97,6 +97,10 @@ class Tokenizer:
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InputError("texts must be a non-empty list of strings")
         encodings = self.tokenizer.encode_batch(texts)  # with the special tokens, as transformers
+        for row, encoding in enumerate(encodings):
+            if not encoding.ids:
+                where = f"text {row}: " if len(texts) > 1 else ""
+                raise InputError(f"{where}empty text (it has no tokens)")
         length = max(len(e.ids) for e in encodings)
         ids = np.full((len(texts), length), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(texts), length), dtype=np.int64)
