@@ -177,3 +177,44 @@ def test_next_export_cleans_what_a_killed_export_left(tmp_path, checkpoint):
     assert any("left" in w and live.name in w for w in report.warnings)
     assert any(older.name in w for w in report.warnings)
     assert not any(unrelated.name in w for w in report.warnings)
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("weights", "cannot load"),  # a truncated model.safetensors (SafetensorError)
+        ("config-list", "not a JSON object"),
+        ("shapes", "cannot load"),  # a config whose sizes the weights do not have
+        ("processor", "corrupt image processor config"),  # every caption would have failed
+        ("opset", "opsets 18 to 23"),
+    ],
+)
+def test_a_bad_checkpoint_is_one_line_and_nothing_is_written(
+    tmp_path, checkpoint, capsys, damage, words
+):
+    """Each was a traceback, or (the image processor) an export every caption then failed on."""
+    import json
+    import shutil
+
+    from vedrt.cli import main
+
+    source = tmp_path / "ck"
+    shutil.copytree(checkpoint, source)
+    extra = []
+    if damage == "weights":
+        data = (source / "model.safetensors").read_bytes()
+        (source / "model.safetensors").write_bytes(data[:3000])
+    elif damage == "config-list":
+        (source / "config.json").write_text("[1, 2]")
+    elif damage == "shapes":
+        config = json.loads((source / "config.json").read_text())
+        config["decoder"]["n_embd"] *= 2
+        (source / "config.json").write_text(json.dumps(config))
+    elif damage == "processor":
+        (source / "preprocessor_config.json").write_text("{bad")
+    else:
+        extra = ["--opset", "24"]
+    assert main(["export", str(source), str(tmp_path / "out"), "--no-validate", *extra]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

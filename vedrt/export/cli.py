@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a previous vedrt export)",
     )
     parser.add_argument(
-        "--opset", type=int, default=None, help="ONNX opset (default 18, the minimum)"
+        "--opset", type=int, default=None, help="ONNX opset, 18 (the default and minimum) to 23"
     )
     parser.add_argument(
         "--no-validate",
@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     except OSError as exc:  # disk full, permissions: nothing was left behind, say why in one line
         stages.close()
-        raise UsageError(f"export failed, nothing written: {exc.strerror or exc}") from None
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        raise UsageError(f"export failed, nothing written: {exc.strerror or exc}{where}") from None
     except SystemExit:
         stages.close()
         print("vedrt export: terminated, nothing written", file=sys.stderr)

@@ -20,7 +20,7 @@ from ..manifest import graph_bytes as graph_size
 from ..manifest import write_manifest
 from . import destination
 from .architectures import UnsupportedArchitecture, decoder_family, encoder_family
-from .graphs import DEFAULT_OPSET, export_graphs
+from .graphs import DEFAULT_OPSET, MAX_OPSET, export_graphs
 from .optimize import externalize, fuse_graphs, write_lean_decoder
 from .quantize import QUANTIZE_CHOICES, quantize_graphs, token_agreement
 from .schema import build_manifest, optimization_fields
@@ -118,9 +118,12 @@ def _load(model_or_dir):
         if not config_path.is_file():
             raise ExportError(f"{src} has no config.json: not a saved transformers checkpoint")
         try:
-            model_type = json.loads(config_path.read_text()).get("model_type")
-        except json.JSONDecodeError as exc:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ExportError(f"corrupt {config_path}: {exc}") from None
+        if not isinstance(config, dict):
+            raise ExportError(f"corrupt {config_path}: not a JSON object")
+        model_type = config.get("model_type")
         if model_type not in classes:
             raise ExportError(
                 f"{src} holds a {model_type!r} model, not a VisionEncoderDecoderModel "
@@ -128,8 +131,11 @@ def _load(model_or_dir):
             )
         try:
             model = classes[model_type].from_pretrained(src, attn_implementation="eager")
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"cannot load {src}: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # noqa: BLE001  (a corrupt or mismatched checkpoint, any library's error)
+            # corrupt safetensors (SafetensorError), weights of other shapes (RuntimeError),
+            # a config transformers cannot build (ValueError, KeyError, AttributeError)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExportError(f"cannot load {src}: {type(exc).__name__}: {first[:300]}") from None
         return model.eval(), src
     if not isinstance(model_or_dir, tuple(classes.values())):
         raise ExportError(
@@ -182,6 +188,14 @@ def _write_side_files(
         warnings.append(
             "no image processor found: wrote ViTImageProcessor defaults (resize, mean/std 0.5)"
         )
+    from ..runtime.errors import InputError
+    from ..runtime.preprocess import ImageProcessor
+
+    try:  # read as every caption will read it: a corrupt one fails the export, not each caption
+        ImageProcessor.from_file(tmp / "preprocessor_config.json")
+    except InputError as exc:
+        origin = src / "preprocessor_config.json" if src is not None else "the image processor"
+        raise ExportError(f"{origin}: {str(exc).split(': ', 1)[-1]}") from None
     return warnings
 
 
@@ -219,6 +233,11 @@ def export_model(
             f"quantize={quantize!r} is not supported (choose {', '.join(QUANTIZE_CHOICES)})"
         )
     opset = DEFAULT_OPSET if opset is None else int(opset)
+    if opset > MAX_OPSET:
+        raise ExportError(
+            f"opset {opset} is not supported: the exporter is tested with opsets "
+            f"{DEFAULT_OPSET} to {MAX_OPSET} (24 and up export decoders it cannot read)"
+        )
     if opset < DEFAULT_OPSET:
         raise ExportError(
             f"opset {opset} is not supported: the exporter needs opset >= {DEFAULT_OPSET}"

@@ -21,6 +21,7 @@ import torch
 from .modules import TOP_K, CrossKV, DecoderStep, EncoderGraph, TextEncoderGraph, decoder_dims
 
 DEFAULT_OPSET = 18
+MAX_OPSET = 23  # the newest opset exports were checked with (24 and 25 drop the decoder's inputs)
 
 
 @dataclass(frozen=True)
