@@ -359,3 +359,37 @@ def test_train_refuses_bad_arguments_and_other_peoples_folders(tmp_path, capsys)
         assert words in capsys.readouterr().err, args
     assert (theirs / "config.json").read_text() == "{}"
     assert not (tmp_path / "new").exists()
+
+
+def test_eval_scores_around_an_unreadable_image_and_checks_its_arguments(tmp_path, capsys) -> None:
+    """A corrupt image is one error line, scored as wrong, and the others are scored (it ended
+    the evaluation); arguments that would fail late, or be ignored, fail first."""
+    import shutil
+
+    root = Path(__file__).resolve().parent.parent
+    rows = [json.loads(x) for x in (root / "examples" / "captions.jsonl").read_text().splitlines()]
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = []
+    for row in rows[:3]:
+        shutil.copy(root / "examples" / row["image"], data / row["image"])
+        lines.append(json.dumps(row))
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    lines.append(json.dumps({"image": "broken.png", "caption": "a small red circle"}))
+    (data / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    report = tmp_path / "scores.json"
+    assert main(["eval", "--data", str(data), "--beams", "1", "--json", str(report)]) == 1
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.err and "1 image(s) could not be read" in captured.err
+    assert json.loads(report.read_text())["rows"][0]["exact_match"] == pytest.approx(0.75)
+    text_model = root / "vedrt" / "models" / "text"
+    for args, words in (
+        (
+            ["--data", str(data), "--json", str(tmp_path / "x" / "s.json")],
+            "not a file in an existing folder",
+        ),
+        (["--model", str(text_model), "--data", str(data)], "--data are for image models"),
+        (["--plain", "--side", "-5"], "--side must be at least 8"),
+    ):
+        assert main(["eval", "--beams", "1", *args]) == 2, args
+        assert words in capsys.readouterr().err, args

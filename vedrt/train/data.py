@@ -46,6 +46,13 @@ def _load_jsonl(path: Path) -> list[CaptionItem]:
     return items
 
 
+def _coco_caption(annotation: dict, path: Path) -> str:
+    caption = annotation["caption"]
+    if not isinstance(caption, str):  # a null scored against the text "None"
+        raise UsageError(f"{path}: annotation {annotation.get('id')!r} has caption {caption!r}")
+    return caption.strip()
+
+
 def _load_coco(path: Path, images_dir: Path | None) -> list[CaptionItem]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -57,11 +64,15 @@ def _load_coco(path: Path, images_dir: Path | None) -> list[CaptionItem]:
     try:
         files = {img["id"]: img["file_name"] for img in data["images"]}
         items = [
-            CaptionItem(root / files[a["image_id"]], str(a["caption"]).strip())
+            CaptionItem(root / files[a["image_id"]], _coco_caption(a, path))
             for a in data["annotations"]
         ]
-    except (KeyError, TypeError) as exc:
+    except KeyError as exc:
         raise UsageError(f"{path}: malformed COCO entry (missing {exc})") from None
+    except TypeError:
+        raise UsageError(
+            f"{path}: malformed COCO entry (images and annotations are objects)"
+        ) from None
     return items
 
 
@@ -70,14 +81,17 @@ def load_captions(path: str | Path, images_dir: str | Path | None = None) -> lis
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file or folder")
-    if path.is_dir():
-        if not (path / "captions.jsonl").is_file():
-            raise UsageError(f"{path}: folder has no captions.jsonl")
-        items = _load_jsonl(path / "captions.jsonl")
-    elif path.suffix == ".jsonl":
-        items = _load_jsonl(path)
-    else:
-        items = _load_coco(path, Path(images_dir) if images_dir else None)
+    try:
+        if path.is_dir():
+            if not (path / "captions.jsonl").is_file():
+                raise UsageError(f"{path}: folder has no captions.jsonl")
+            items = _load_jsonl(path / "captions.jsonl")
+        elif path.suffix == ".jsonl":
+            items = _load_jsonl(path)
+        else:
+            items = _load_coco(path, Path(images_dir) if images_dir else None)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not items:
         raise UsageError(f"{path}: no captions")
     missing = [it.image for it in items if not it.image.is_file()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,15 +103,34 @@ def _batched(images: list[Any], size: int, fn: Callable[[list[Any]], list[str]])
 
 
 def _runtime_captioner(
-    model_dir: Path, backend: str, threads: int | None
+    model_dir: Path, backend: str, threads: int | None, failed: set[str]
 ) -> Callable[..., list[str]]:
+    """The runtime's captions; an image it cannot read is reported once, captioned "" (so it
+    scores as wrong), and the others go on: one corrupt file used to end the whole evaluation."""
     from vedrt.runtime import InputError, load
 
     try:
         gen = load(model_dir, backend=backend, threads=threads)
     except InputError as exc:
         raise UsageError(str(exc)) from None
-    return lambda images, beams: gen.caption(images, num_beams=beams)
+
+    def caption(images: list[Any], beams: int) -> list[str]:
+        try:
+            return gen.caption(images, num_beams=beams)
+        except InputError:
+            pass
+        out = []
+        for image in images:
+            try:
+                out += gen.caption([image], num_beams=beams)
+            except InputError as exc:
+                if str(exc) not in failed:
+                    print(f"vedrt eval: error: {exc}", file=sys.stderr, flush=True)
+                    failed.add(str(exc))
+                out.append("")
+        return out
+
+    return caption
 
 
 def _torch_captioner(checkpoint: str, threads: int | None) -> Callable[..., list[str]]:
@@ -122,9 +142,13 @@ def _torch_captioner(checkpoint: str, threads: int | None) -> Callable[..., list
         raise UsageError(f"--checkpoint {checkpoint}: not a checkpoint folder (no config.json)")
     if threads:
         torch.set_num_threads(threads)
-    model = VisionEncoderDecoderModel.from_pretrained(checkpoint).eval()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    processor = AutoImageProcessor.from_pretrained(checkpoint, use_fast=False)
+    try:
+        model = VisionEncoderDecoderModel.from_pretrained(checkpoint).eval()
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        processor = AutoImageProcessor.from_pretrained(checkpoint, use_fast=False)
+    except (OSError, ValueError, KeyError) as exc:  # a text model, a partial folder, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"--checkpoint {checkpoint}: cannot load ({first[:200]})") from None
 
     def caption(images: list[Any], beams: int) -> list[str]:
         from PIL import Image
@@ -154,19 +178,35 @@ def run(args: argparse.Namespace) -> int:
     if read_manifest(model_dir).modality == "text":  # the text model's own held-out set
         from vedrt.train.text import evaluate_export
 
+        image_only = [
+            f"--{n}" for n in ("data", "images", "checkpoint", "json") if getattr(args, n)
+        ]
+        if image_only:  # they were silently ignored
+            raise UsageError(
+                f"{model_dir} is a text model, scored on its own held-out set: "
+                f"{', '.join(image_only)} are for image models"
+            )
+
         scores = evaluate_export(model_dir, tuple(args.beams))
         for name, share in scores.items():
             print(f"{model_dir}: held-out exact match {share:.3f} ({name})")
         return 0
     if any(b < 1 for b in args.beams) or args.batch_size < 1:
         raise UsageError("--beams and --batch-size must be >= 1")
+    if args.side < 8:
+        raise UsageError(f"--side must be at least 8 pixels, got {args.side}")
+    if args.json:  # found out before the scoring, not after it
+        target = Path(args.json)
+        if target.is_dir() or not target.parent.is_dir():
+            raise UsageError(f"--json {target}: not a file in an existing folder")
     images, refs = _dataset(args)
     style = f"plain, {args.side} px" if args.plain else "augmented"
     what = args.data or f"{len(images)} held-out scenes (seed {args.seed}, {style})"
     print(f"evaluating {model_dir} on {what}")
 
+    failed: set[str] = set()  # images the runtime could not read, each reported once
     captioners = {
-        f"runtime:{b}": _runtime_captioner(model_dir, b, args.threads)
+        f"runtime:{b}": _runtime_captioner(model_dir, b, args.threads, failed)
         for b in (args.backend or ["onnxruntime"])
     }
     if args.checkpoint:
@@ -210,4 +250,9 @@ def run(args: argparse.Namespace) -> int:
             )
             + "\n"
         )
-    return 0
+    if failed:
+        print(
+            f"vedrt eval: {len(failed)} image(s) could not be read; scored as wrong",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
