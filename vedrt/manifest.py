@@ -79,6 +79,8 @@ def _int(data: dict, *keys: str) -> int:
 
 
 def _read_json(root: Path) -> dict[str, Any]:
+    if root.exists() and not root.is_dir():
+        raise ExportDirError(f"{root} is a file, not an export directory")
     if not root.is_dir():
         raise ExportDirError(f"export directory not found: {root}")
     path = root / MANIFEST_NAME

@@ -348,6 +348,8 @@ def check_minimum(o: GenerationOptions, overrides: dict[str, Any]) -> None:
 
 def check(o: GenerationOptions, max_positions: int | None) -> None:
     """Reject settings transformers rejects, and lengths the exported decoder cannot hold."""
+    if o.max_new_tokens is not None and o.max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {o.max_new_tokens}")
     if o.max_length <= PROMPT_LEN:
         raise InputError(
             f"max_length={o.max_length} leaves no room for new tokens (max_new_tokens must be >= 1)"
