@@ -160,6 +160,7 @@ def test_train_on_user_folder_lowers_the_loss(tmp_path: Path) -> None:
         ("bad_row", "captions.jsonl:1: expected"),
         ("missing_image", "1 image(s) not found"),
         ("bad_coco", "not a COCO captions file"),
+        ("corrupt_image", "1 image(s) cannot be read, first:"),  # was a traceback mid-training
     ],
 )
 def test_bad_data_is_one_line_error(tmp_path: Path, capsys, case: str, message: str) -> None:
@@ -180,6 +181,8 @@ def test_bad_data_is_one_line_error(tmp_path: Path, capsys, case: str, message: 
     elif case == "bad_coco":
         target = data / "coco.json"
         target.write_text('{"images": []}')
+    elif case == "corrupt_image":
+        (data / "img1.png").write_bytes((data / "img1.png").read_bytes()[:60])
     assert main(["train", "--out", str(tmp_path / "o"), "--data", str(target), *TINY]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err

@@ -138,9 +138,10 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.encoder) != bool(args.decoder):
         raise UsageError("--encoder and --decoder go together")
     if args.data:
-        from vedrt.train.data import FolderImages, load_captions, split_items
+        from vedrt.train.data import FolderImages, check_images, load_captions, split_items
 
         items = load_captions(args.data, args.images)
+        check_images(items)
         train_items, valid_items = split_items(items, args.valid_size, args.seed)
         train_source, valid_source = FolderImages(train_items), FolderImages(valid_items)
         texts = [it.caption for it in train_items]
