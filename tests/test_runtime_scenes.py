@@ -139,6 +139,19 @@ def test_cli_folder_stands_for_its_images(tmp_path: Path, capsys) -> None:
     assert "1 of 4 images failed" in captured.err
 
 
+def test_cli_plain_output_keeps_its_columns_for_any_file_name(tmp_path: Path, capsys) -> None:
+    import shutil
+
+    odd = tmp_path / "a\tb\nc.png"
+    shutil.copy(IMAGES[0], odd)
+    assert main(["caption", str(odd), str(IMAGES[1])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t") for line in lines] == [
+        [json.dumps(str(odd)), ROWS[0]["caption"]],
+        [str(IMAGES[1]), ROWS[1]["caption"]],
+    ]
+
+
 def test_cli_explain_never_writes_over_a_file(tmp_path: Path, capsys) -> None:
     """Not over an image being captioned (it was read after its map replaced it, and captioned
     wrong), not over anything else: a usage error before any work."""

@@ -1,4 +1,5 @@
-"""`vedrt caption`: one line per image, `path<TAB>caption` or JSON lines.
+"""`vedrt caption`: one line per image, `path<TAB>caption` or JSON lines (a path holding a tab or a
+line break is written JSON-quoted, so the columns hold).
 
 A bad image (unreadable, truncated, a decompression bomb) is reported on stderr in one line and
 the others are still captioned; the exit status is 1 at the end if any image failed, 2 for a
@@ -66,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def plain_field(text: str) -> str:
+    """A field of the tab-separated output: as it is, or JSON-quoted when a tab or a line break
+    in it would break the columns (a file named "a\tb.png")."""
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in "\t\r\n") else text
+
+
 def _print(path: str, caption: str, as_json: bool) -> None:
     from ..cli import discard_stdout
     from ..errors import UsageError
@@ -76,7 +83,7 @@ def _print(path: str, caption: str, as_json: bool) -> None:
     line = (
         json.dumps({"image": path, "caption": caption}, ensure_ascii=ascii_only)
         if as_json
-        else f"{path}\t{caption}"
+        else f"{plain_field(path)}\t{caption}"
     )
     try:
         print(line, flush=True)

@@ -49,7 +49,7 @@ def _texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             for i, t in enumerate(args.texts)
         ]
     else:
-        stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin
+        stream = getattr(sys.stdin, "buffer", sys.stdin) or []  # None: started with stdin closed
         raw = [(f"line {i + 1}", line) for i, line in enumerate(stream)]
     texts, errors = [], []
     for where, data in raw:
@@ -128,10 +128,11 @@ def _generate(generator, chunk: list[str], options: dict):
 
 def _print(text: str, output: str, as_json: bool, discard_stdout) -> None:
     from ..errors import UsageError
+    from .cli import plain_field
 
     line = json.dumps({"text": text, "output": output}, ensure_ascii=False)
     try:
-        print(line if as_json else f"{text}\t{output}", flush=True)
+        print(line if as_json else f"{plain_field(text)}\t{plain_field(output)}", flush=True)
     except BrokenPipeError:
         raise
     except OSError as exc:
