@@ -8,6 +8,7 @@ the layout every consumer expects (model, generation config, tokenizer, preproce
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,10 @@ def train(
     )
     start = time.time()
     has_state = resume and any(state_dir.glob("checkpoint-*"))
+    if resume and not has_state:  # say so: a silent fresh start looks like a resumed one
+        print(
+            f"vedrt train: --resume: no saved state in {state_dir}, starting fresh", file=sys.stderr
+        )
     trainer.train(resume_from_checkpoint=True if has_state else None)
     seconds = time.time() - start
     final = trainer.evaluate()
