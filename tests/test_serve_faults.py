@@ -259,6 +259,9 @@ def test_protocol_edges(reference):
             assert answer.status_code == status and "error" in answer.json()
             assert answer.headers["X-Vedrt-Server"] == live_answer.headers["X-Vedrt-Server"]
 
+        empty = requests.post(infer, json={**triton_json(), "outputs": []}, timeout=60)
+        assert [o["name"] for o in empty.json()["outputs"]] == ["CAPTION"]  # it answered nothing
+
         deep = requests.post(infer, data=b"[" * 100_000, timeout=10)
         assert deep.status_code == 400 and "too deeply" in deep.json()["error"]
 
