@@ -237,9 +237,8 @@ def _from_utf8(item: bytes, index: int) -> str:
 
 
 def _requested_outputs(outputs: Any, binary_all: bool, tensors: Tensors) -> dict[str, bool]:
-    if (
-        outputs is None or outputs == []
-    ):  # none named: the captions (an empty list answered nothing)
+    # none named, or an empty list (which used to answer no tensor at all): the captions
+    if outputs is None or outputs == []:
         return {tensors.output: binary_all}
     if not isinstance(outputs, list):
         raise bad_request("'outputs' must be a list")
