@@ -23,7 +23,11 @@ from .handle import input_batch
 from .options import PROMPT_LEN
 from .search import GenerateOutput
 
-SPARE_POOL_BYTES = 64 * 1024 * 1024
+# The largest pool generate() keeps for its next call. Keeping one saves its allocation and binding
+# (scene model, beam 4: 0.17-0.22 ms of an 11.8 ms caption), which only a small model notices;
+# a big model's kept pool instead raises the next call's peak memory by about its size (ViT-GPT2,
+# 17 MB pool: peak RSS 1,023-1,026 -> 1,033-1,038 MB) for no measurable time.
+SPARE_POOL_BYTES = 8 * 1024 * 1024
 
 
 class Generator:
@@ -85,10 +89,8 @@ class Generator:
         return Engine(self, max_rows=rows, cache_len=cache_len)
 
     def _keep(self, engine: Engine) -> None:
-        """Keep a small engine for the next call: a new one allocates its pool and binds it on
-        its first step (scene model, beam 4: 0.17-0.22 ms of a 11.8 ms caption). Pools over
-        `SPARE_POOL_BYTES` are not kept: the calls that need them take seconds, and a batch-32
-        ViT-GPT2 pool would hold ~600 MB between calls."""
+        """Keep a small engine for the next call (see `SPARE_POOL_BYTES`): a new one allocates
+        its pool and binds it on its first step."""
         if engine.pool_bytes() <= SPARE_POOL_BYTES:
             with self._spare_lock:
                 self._spare = engine
