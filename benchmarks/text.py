@@ -5,9 +5,9 @@
 A random-weight BERT-base encoder + GPT2-small decoder with cross-attention (the shape of
 bert2gpt2 summarizers) is built from configs, saved and exported once under runs/bench. One
 32-token text, beam search, new tokens forced (min = max). Tokens are compared first; then warm,
-interleaved repetitions, medians. Optimum's ORTModelForSeq2SeqLM is tried when optimum-onnx is
-installed (it does not export EncoderDecoderModel checkpoints: the attempt and its message are
-recorded). Writes benchmarks/results/text.{json,md}.
+interleaved repetitions, medians. Optimum's ORTModelForSeq2SeqLM runs beside them when optimum-onnx
+is installed and exports the checkpoint (if its export fails, the attempt and its message are
+recorded instead). Writes benchmarks/results/text.{json,md}.
 """
 
 from __future__ import annotations

@@ -113,3 +113,11 @@ def test_closed_stdout_is_an_error_not_silence() -> None:
     result = _vedrt("caption", IMAGES[0], stdout=None, preexec_fn=lambda: os.close(1))
     assert result.returncode == 2
     assert "stdout is closed" in result.stderr
+
+
+def test_text_model_eval_runs_in_a_runtime_only_install() -> None:
+    """Its exact match needs neither sacrebleu nor torch (the README gives it as the runtime's
+    own check; it asked for the train extra)."""
+    result = _vedrt("eval", "--model", "vedrt/models/text", "--beams", "1", runtime_only=True)
+    assert result.returncode == 0, result.stderr
+    assert "held-out exact match 1.000 (beam 1, 117 captions)" in result.stdout

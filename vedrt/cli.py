@@ -72,7 +72,7 @@ def require(packages: tuple[str, ...], extra: str) -> None:
     if missing:
         raise UsageError(
             f"needs {', '.join(missing)}, not installed in this (runtime-only?) environment: "
-            f"pip install 'vedrt[{extra}]'"
+            f"pip install 'vedrt[{extra}]' (or '.[{extra}]' in a clone)"
         )
 
 
@@ -132,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
 def _missing_message(command: str, package: str | None) -> str:
     fallback = {"build": "tensorrt", "serve": "serve"}.get(command, "export")
     extra = REQUIRES.get(command, ((), fallback))[1]
+    if package == "ray":  # `vedrt serve --ray`: Ray Serve is its own extra
+        extra = "ray"
     return (
         f"vedrt {command}: error: needs the package {package!r}, which is not installed "
-        f"(pip install 'vedrt[{extra}]')"
+        f"(pip install 'vedrt[{extra}]', or pip install '.[{extra}]' in a clone)"
     )
 
 

@@ -64,7 +64,8 @@ def check(out: Path, overwrite: bool, source: Path | None) -> None:
         return
     if not overwrite:
         raise DestinationError(
-            f"output directory {out} is not empty (use --overwrite to replace it)"
+            f"output directory {out} is not empty (to replace a previous export: --overwrite, "
+            "or overwrite=True from Python)"
         )
     if not (out / MANIFEST).is_file():
         raise DestinationError(

@@ -162,13 +162,25 @@ def _torch_captioner(checkpoint: str, threads: int | None) -> Callable[..., list
     return caption
 
 
+def _run_text(model_dir: Path, args: argparse.Namespace) -> int:
+    """Exact match on the text model's own held-out captions: the runtime alone, no sacrebleu or
+    torch (it runs in a runtime-only install)."""
+    from vedrt.train.text import evaluate_export
+
+    image_only = [f"--{n}" for n in ("data", "images", "checkpoint", "json") if getattr(args, n)]
+    if image_only:  # they were silently ignored
+        raise UsageError(
+            f"{model_dir} is a text model, scored on its own held-out set: "
+            f"{', '.join(image_only)} are for image models"
+        )
+    scores, count = evaluate_export(model_dir, tuple(args.beams))
+    for name, share in scores.items():
+        print(f"{model_dir}: held-out exact match {share:.3f} ({name}, {count} captions)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from vedrt.cli import require
-
-    # before any inference: the scores need sacrebleu, the PyTorch reference torch/transformers
-    needs = ("sacrebleu",) + (("torch", "transformers") if args.checkpoint else ())
-    require(needs, "train")
-    from vedrt.train.metrics import caption_scores
 
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     if not (model_dir / "vedrt.json").is_file():
@@ -176,21 +188,11 @@ def run(args: argparse.Namespace) -> int:
     from vedrt.manifest import read_manifest
 
     if read_manifest(model_dir).modality == "text":  # the text model's own held-out set
-        from vedrt.train.text import evaluate_export
+        return _run_text(model_dir, args)
+    # before any inference: the scores need sacrebleu, the PyTorch reference torch/transformers
+    require(("sacrebleu",) + (("torch", "transformers") if args.checkpoint else ()), "train")
+    from vedrt.train.metrics import caption_scores
 
-        image_only = [
-            f"--{n}" for n in ("data", "images", "checkpoint", "json") if getattr(args, n)
-        ]
-        if image_only:  # they were silently ignored
-            raise UsageError(
-                f"{model_dir} is a text model, scored on its own held-out set: "
-                f"{', '.join(image_only)} are for image models"
-            )
-
-        scores = evaluate_export(model_dir, tuple(args.beams))
-        for name, share in scores.items():
-            print(f"{model_dir}: held-out exact match {share:.3f} ({name})")
-        return 0
     if any(b < 1 for b in args.beams) or args.batch_size < 1:
         raise UsageError("--beams and --batch-size must be >= 1")
     if args.side < 8:

@@ -179,8 +179,11 @@ def train_text(out: Path, steps: int = 1500, batch_size: int = 32, lr: float = 2
     return info
 
 
-def evaluate_export(export_dir: Path, beams: tuple[int, ...] = (1, 4)) -> dict[str, float]:
-    """Held-out exact match of an export with vedrt's runtime (no torch): {"beam N": share}."""
+def evaluate_export(
+    export_dir: Path, beams: tuple[int, ...] = (1, 4)
+) -> tuple[dict[str, float], int]:
+    """Held-out exact match of an export with vedrt's runtime (no torch): ({"beam N": share},
+    how many held-out captions)."""
     from vedrt.runtime import load
 
     _, held = pairs()
@@ -191,4 +194,4 @@ def evaluate_export(export_dir: Path, beams: tuple[int, ...] = (1, 4)) -> dict[s
         outputs = gen.generate_text(sources, num_beams=beam, max_new_tokens=14)
         hits = [o.strip() == t for o, (_, t) in zip(outputs, held, strict=True)]
         scores[f"beam {beam}"] = float(np.mean(hits))
-    return scores
+    return scores, len(held)
