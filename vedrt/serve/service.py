@@ -51,7 +51,7 @@ class ServeOptions:
 
 # Inputs this small are decoded on the event loop: the hop to the decoding thread and back (two
 # thread wake-ups and a future handed across) cost more than decoding them. Scene model, greedy,
-# 16 clients, interleaved: 431 -> 458 images/s, p99 65 -> 57 ms. At this size a decode takes well
+# 16 clients, interleaved: 456 -> 474 images/s, p99 62 -> 55 ms. At this size a decode takes well
 # under a millisecond, so the loop is never held long; anything larger goes to the thread.
 INLINE_PIXELS = 256 * 256  # all of a request's images together
 INLINE_CHARS = 16 * 1024  # all of a request's texts together
