@@ -224,6 +224,7 @@ class VedrtRunner:
         self.clock = _Clock()
         executor = self.generator.executor
         _wrap(executor, "encode", self.clock.mark_encoded)
+        _wrap(executor, "encode_into", self.clock.mark_encoded)  # admission into pool slots
         _wrap(executor, "decode", self.clock.mark_step)
         self.timings: dict[str, float] = {}
 

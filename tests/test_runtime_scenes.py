@@ -206,7 +206,9 @@ def test_encoder_calls_of_a_few_images_give_the_whole_batch(gen, pixels, monkeyp
     whole = gen.executor.encode(pixels)
     calls = []
     real = gen.executor._encode
-    monkeypatch.setattr(gen.executor, "_encode", lambda feed: calls.append(feed) or real(feed))
+    monkeypatch.setattr(
+        gen.executor, "_encode", lambda feed, into=None: calls.append(feed) or real(feed, into)
+    )
     monkeypatch.setattr(executor, "ENCODE_TOKENS", 3 * gen.manifest.enc_len)
     parts = gen.executor.encode(pixels)
     assert [len(feed["pixel_values"]) for feed in calls] == [3] * (len(pixels) // 3) + (
@@ -254,3 +256,60 @@ def test_generate_keeps_its_engine_for_the_next_call_of_its_shape(gen, pixels, m
     monkeypatch.setattr(generator_module, "SPARE_POOL_BYTES", 0)
     assert (gen.generate(pixels[:2], num_beams=3) == first).all()
     assert gen._spare is None
+
+
+def test_admission_encodes_into_the_pool_slots(gen, pixels, monkeypatch) -> None:
+    """Images admitted into slots that follow one another get their cross K/V written there by
+    the encoder (no copy); scattered free slots fall back to encode-and-copy. Same tokens."""
+    from vedrt.runtime.pool import KVPool
+
+    written, copied = [], []
+    real_into, real_put = gen.executor.encode_into, KVPool.put_image
+    monkeypatch.setattr(
+        gen.executor, "encode_into", lambda p, into: written.append(len(p)) or real_into(p, into)
+    )
+    monkeypatch.setattr(
+        KVPool, "put_image", lambda self, *a: copied.append(a[0]) or real_put(self, *a)
+    )
+    solo = [
+        gen.generate(pixels[i : i + 1], num_beams=2, max_new_tokens=n)
+        for i, n in enumerate((8, 2, 7))
+    ]
+    assert written == [1, 1, 1] and copied == []
+    engine = gen.engine(max_rows=6)
+    handles = [
+        engine.submit(pixels[i : i + 1], num_beams=2, max_new_tokens=n)
+        for i, n in enumerate((8, 2, 7))
+    ]
+    while not handles[1].done():  # the middle one (its own cohort and slot) leaves first
+        engine.step()
+    late = engine.submit(pixels[3:5], max_new_tokens=4)  # needs 2 slots: 1 and 3, apart
+    while not engine.idle():
+        engine.step()
+    for handle, expected in zip(handles, solo, strict=True):
+        assert np.array_equal(handle.result(), expected)
+    assert np.array_equal(late.result(), gen.generate(pixels[3:5], max_new_tokens=4))
+    assert copied == [1, 3]  # the scattered slots were filled by copies
+
+
+def test_a_failed_encode_into_the_slots_frees_them(gen, pixels, monkeypatch) -> None:
+    """The slots are claimed before the encoder writes into them: when it fails, the request
+    gets the error and the slots go back, so the next request runs as if nothing happened."""
+    real = gen.executor.encode_into
+
+    def failing(p, into):
+        if np.all(p == 0.5):
+            raise RuntimeError("this image breaks the encoder")
+        return real(p, into)
+
+    monkeypatch.setattr(gen.executor, "encode_into", failing)
+    engine = gen.engine(max_rows=2)
+    broken = engine.submit(np.full_like(pixels[:1], 0.5))
+    engine.step()
+    with pytest.raises(RuntimeError, match="breaks the encoder"):
+        broken.result(0)
+    assert not any(engine._rows.slot_used)
+    fine = engine.submit(pixels[:1], num_beams=2)
+    while not engine.idle():
+        engine.step()
+    assert np.array_equal(fine.result(), gen.generate(pixels[:1], num_beams=2))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from .encoding import encode_requests
 from .handle import Handle
 
 
@@ -77,7 +78,7 @@ class EncodeAhead:
         """Encode `chosen` in one batch; if that fails, one by one, so that only the request
         that fails is answered with the error. Returns (handle, (Encoded, first index))."""
         try:
-            encoded, where = self.engine._encode(chosen)
+            encoded, where = encode_requests(self.engine.executor, chosen)
         except Exception as exc:
             if len(chosen) > 1:
                 return [pair for one in chosen for pair in self._encode([one])]

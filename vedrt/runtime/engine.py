@@ -23,12 +23,11 @@ import time
 from collections import deque
 from typing import Any
 
-import numpy as np
-
 from .ahead import EncodeAhead
 from .cohort import Active as _Active
 from .cohort import can_join as _can_join
 from .cohort import cohort_key as _cohort_key
+from .encoding import encode_into_slots, encode_requests, encodes_into_slots
 from .errors import InputError
 from .handle import EngineStopped, Handle, input_batch
 from .options import GenerationOptions
@@ -235,14 +234,16 @@ class Engine:
         taken = self._take_admissible()
         if not taken:
             return
+        direct = encodes_into_slots(self.executor, self.gen.manifest, taken)
         try:
             if taken[0].encoded is not None:  # encoded ahead: one part per encoder round
                 parts = {id(h.encoded[0]): h.encoded[0] for h in taken}
                 encoded, index = list(parts.values()), list(parts)
                 where = {id(h): (index.index(id(h.encoded[0])), h.encoded[1]) for h in taken}
-            else:
-                encoded, where = self._encode(taken)
-            self._rows.ensure(taken, max(e.enc_len for e in encoded))
+            elif not direct:
+                encoded, where = encode_requests(self.executor, taken)
+            enc_len = self.gen.manifest.enc_len if direct else max(e.enc_len for e in encoded)
+            self._rows.ensure(taken, enc_len)
         except Exception as exc:  # these requests could not be encoded or given room
             for h in taken:
                 h._finish(error=exc)
@@ -250,38 +251,35 @@ class Engine:
         cohorts: dict[Any, list[Handle]] = {}
         for handle in taken:
             cohorts.setdefault(_cohort_key(handle.options), []).append(handle)
+        plans = []
         for handles in cohorts.values():
             members, batch = [], 0
             for handle in handles:
                 members.append((handle, slice(batch, batch + handle.batch)))
                 batch += handle.batch
+            plans.append((handles, members, batch, self._rows.claim_slots(batch)))
+        if direct:
+            try:
+                encode_into_slots(self.executor, self.pool, plans)
+            except Exception as exc:
+                for _, _, _, slots in plans:
+                    for slot in slots:
+                        self._rows.slot_used[slot] = False
+                for h in taken:
+                    h._finish(error=exc)
+                return
+        for handles, members, batch, slots in plans:
+            if not direct:
+                images = [(h, i) for h in handles for i in range(h.batch)]
+                for slot, (handle, i) in zip(slots, images, strict=True):
+                    part, first = where[id(handle)]
+                    self.pool.put_image(slot, encoded[part].cross, encoded[part].mask, first + i)
             search = new_search(self.ops, handles[0].options, batch)
-            slots = self._rows.claim_slots(batch)
-            images = [(h, i) for h in handles for i in range(h.batch)]
-            for slot, (handle, i) in zip(slots, images, strict=True):
-                part, first = where[id(handle)]
-                self.pool.put_image(slot, encoded[part].cross, encoded[part].mask, first + i)
             joined = next((a for a in self._active if _can_join(a, handles[0].options)), None)
             self._rows.place(members, search, slots, joined)
             for handle in handles:
                 handle.admitted()
                 handle.encoded = None  # the slots hold its K/V now
-
-    def _encode(self, taken: list[Handle]) -> tuple[list[Any], dict[int, tuple[int, int]]]:
-        """Encoder + cross K/V for what is admitted: images in one batch, texts one request at a
-        time (their own lengths, as their solo runs). Returns the encoded parts and, per
-        request, (part, first index in it)."""
-        if isinstance(taken[0].inputs, dict):
-            encoded = [self.executor.encode(h.inputs) for h in taken]
-            return encoded, {id(h): (i, 0) for i, h in enumerate(taken)}
-        pixels = taken[0].inputs
-        if len(taken) > 1:  # one encoder batch for everything admitted together
-            pixels = np.concatenate([h.inputs for h in taken])
-        where, index = {}, 0
-        for h in taken:
-            where[id(h)] = (0, index)
-            index += h.batch
-        return [self.executor.encode(pixels)], where
 
     def _decode(self) -> Any:
         groups = self._rows.layout_groups()
