@@ -74,9 +74,6 @@ def plain_field(text: str) -> str:
 
 
 def _print(path: str, caption: str, as_json: bool) -> None:
-    from ..cli import discard_stdout
-    from ..errors import UsageError
-
     # a file name that is not UTF-8 holds surrogate escapes: \u-escape them, or the JSON line
     # would carry raw non-UTF-8 bytes
     ascii_only = any("\udc80" <= ch <= "\udcff" for ch in path)
@@ -85,13 +82,30 @@ def _print(path: str, caption: str, as_json: bool) -> None:
         if as_json
         else f"{plain_field(path)}\t{caption}"
     )
+    write_line(line, "captions")
+
+
+def require_stdout(what: str) -> None:
+    """Started with stdout closed (`>&-`), print() writes nowhere: every result would be lost
+    with exit 0, so say it before any work."""
+    from ..errors import UsageError
+
+    if sys.stdout is None:
+        raise UsageError(f"stdout is closed: there is nowhere to write the {what}")
+
+
+def write_line(line: str, what: str) -> None:
+    """One result line to stdout; a failed write is one error line (`what` names the results)."""
+    from ..cli import discard_stdout
+    from ..errors import UsageError
+
     try:
         print(line, flush=True)
     except BrokenPipeError:
         raise  # the reader went away (`| head`): vedrt.cli stops quietly
     except OSError as exc:  # `> /dev/full`, a full disk: one line, and no second failed flush
         discard_stdout()
-        raise UsageError(f"cannot write the captions: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot write the {what}: {exc.strerror or exc}") from None
 
 
 def _model_dir(args: argparse.Namespace, usage_error) -> Path:
@@ -219,8 +233,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.images:
         raise UsageError("no images given (vedrt caption IMAGE ... [--model EXPORT_DIR])")
-    if sys.stdout is None:  # started with stdout closed: print() would drop every caption
-        raise UsageError("stdout is closed: there is nowhere to write the captions")
+    require_stdout("captions")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     options = _options(args)

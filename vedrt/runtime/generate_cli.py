@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from .cli import plain_field, require_stdout, write_line
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -65,7 +67,6 @@ def _texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import discard_stdout
     from ..errors import InputError, UsageError
     from .loader import load
 
@@ -85,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"vedrt generate: error: {error}", file=sys.stderr, flush=True)
     if not texts and not errors:
         raise UsageError("no texts given (as arguments or one per line on stdin)")
-    if sys.stdout is None:  # started with stdout closed: print() would drop every output
-        raise UsageError("stdout is closed: there is nowhere to write the outputs")
+    require_stdout("outputs")
     per_text = options.get("num_return_sequences", 1)
     failed = len(errors)
     for start in range(0, len(texts), args.batch_size):
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                 failed += 1
                 continue
             for i, output in enumerate(outputs):
-                _print(chunk[done + i // per_text], output, args.json, discard_stdout)
+                _print(chunk[done + i // per_text], output, args.json)
     if failed:
         print(
             f"vedrt generate: {failed} of {len(texts) + len(errors)} texts failed", file=sys.stderr
@@ -126,15 +126,9 @@ def _generate(generator, chunk: list[str], options: dict):
             yield index, exc
 
 
-def _print(text: str, output: str, as_json: bool, discard_stdout) -> None:
-    from ..errors import UsageError
-    from .cli import plain_field
-
-    line = json.dumps({"text": text, "output": output}, ensure_ascii=False)
-    try:
-        print(line if as_json else f"{plain_field(text)}\t{plain_field(output)}", flush=True)
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        discard_stdout()
-        raise UsageError(f"cannot write the outputs: {exc.strerror or exc}") from None
+def _print(text: str, output: str, as_json: bool) -> None:
+    if as_json:
+        line = json.dumps({"text": text, "output": output}, ensure_ascii=False)
+    else:
+        line = f"{plain_field(text)}\t{plain_field(output)}"
+    write_line(line, "outputs")
