@@ -12,7 +12,7 @@ import sys
 import time
 import traceback
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl
@@ -206,15 +206,14 @@ async def _form_request(
     options, body, content type)."""
     service.admit()
     options: dict[str, Any] = {}
-    query = [(k, images.parse_text_value(v)) for k, v in request.query_params.multi_items()]
-    for name, value in query:
-        _merge_options(options, {name: value})
+    query = request.query_params.multi_items()
+    _merge_options(options, [(k, images.parse_text_value(v)) for k, v in query])
     body = await _read_body(request, service.options.max_body_mb)
     content_type = request.headers.get("content-type", "").lower()
     items = None
     if content_type.startswith("multipart/form-data"):
         items, fields = _split_form(await _form(request, body), field, kind)
-        _merge_options(options, fields)
+        _merge_options(options, fields.items())
     return items, options, body, content_type
 
 
@@ -239,10 +238,10 @@ async def _generate(service: Service, request: Request) -> Response:
     if texts is None:
         if content_type.startswith("application/x-www-form-urlencoded") and not _looks_json(body):
             texts, fields = _split_form(_urlencoded(body), "text", str)
-            _merge_options(options, fields)
+            _merge_options(options, fields.items())
         else:
             texts, fields = _json_texts(body)
-            _merge_options(options, fields)
+            _merge_options(options, fields.items())
     if not texts:
         raise bad_request("no text: send {\"texts\": [...]} as JSON, or form fields named 'text'")
     answer = await service.generate(texts, options, _disconnected(request))
@@ -268,9 +267,10 @@ def _json_texts(body: bytes) -> tuple[list[str], dict[str, Any]]:
     return texts, {k: v for k, v in payload.items() if k != "texts"}
 
 
-def _merge_options(options: dict[str, Any], more: dict[str, Any]) -> None:
-    """Options from a second place (form fields, JSON keys) beside the query's: one value each."""
-    for name, value in more.items():
+def _merge_options(options: dict[str, Any], more: Iterable[tuple[str, Any]]) -> None:
+    """(name, value) pairs into `options` (the query's, form fields, JSON keys): a name given
+    twice with two values is a 400, not the last one silently winning."""
+    for name, value in more:
         if name in options and options[name] != value:
             raise bad_request(f"option {name!r} is given twice, as {options[name]!r} and {value!r}")
         options[name] = value
@@ -368,7 +368,7 @@ def _split_form(items: list[tuple[str, Any]], field: str, kind: type) -> tuple[l
                 raise bad_request(f"field {key!r} must be a file upload")
             inputs.append(value)
         else:
-            _merge_options(options, {key: images.parse_text_value(value)})
+            _merge_options(options, [(key, images.parse_text_value(value))])
     return inputs, options
 
 
