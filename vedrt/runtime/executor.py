@@ -155,20 +155,17 @@ class OrtExecutor:
         per_call = max(1, ENCODE_TOKENS // max(self.m.enc_len, 1))
         if into is None and (self.device != "cpu" or len(pixel_values) <= per_call):
             return self._encode({"pixel_values": pixel_values})
-        cross, masks = into, []
+        if into is None:  # the batch's arrays, each call's K/V written into its part of them
+            shape = (len(pixel_values), self.m.num_heads, self.m.enc_len, self.m.head_dim)
+            into = [np.empty(shape, np.float32) for _ in range(2 * self.layers)]
+        masks = []
         for start in range(0, len(pixel_values), per_call):
             chunk = pixel_values[start : start + per_call]
-            if cross is None:  # the first call's outputs say the shapes
-                part = self._encode({"pixel_values": chunk})
-                cross = [np.empty((len(pixel_values), *a.shape[1:]), a.dtype) for a in part.cross]
-                for whole, array in zip(cross, part.cross, strict=True):
-                    whole[: part.batch] = array
-            else:
-                part = self._encode(
-                    {"pixel_values": chunk}, [c[start : start + len(chunk)] for c in cross]
-                )
+            part = self._encode(
+                {"pixel_values": chunk}, [c[start : start + len(chunk)] for c in into]
+            )
             masks.append(part.mask)
-        return Encoded(cross, np.concatenate(masks))
+        return Encoded(into, np.concatenate(masks))
 
     def _encode(self, feed: dict[str, np.ndarray], into: list[np.ndarray] | None = None) -> Encoded:
         (states,) = self.sessions["encoder"].run(["encoder_hidden_states"], feed)
