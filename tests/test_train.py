@@ -396,3 +396,23 @@ def test_eval_scores_around_an_unreadable_image_and_checks_its_arguments(tmp_pat
     ):
         assert main(["eval", "--beams", "1", *args]) == 2, args
         assert words in capsys.readouterr().err, args
+
+
+def test_training_that_fails_leaves_no_empty_folders(tmp_path: Path, monkeypatch) -> None:
+    """A run stopped before its first save (an error, Ctrl-C) removes the folders it made and
+    left empty, so the next `--out` is not a half-made "previous vedrt train output"."""
+
+    def stopped(self, *args, **kwargs):
+        (Path(self.args.output_dir)).mkdir(parents=True, exist_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.Seq2SeqTrainer, "train", stopped)
+    data = _user_folder(tmp_path / "data")
+    out = tmp_path / "ckpt"
+    assert main(["train", "--out", str(out), "--data", str(data), *TINY, "--steps", "2"]) == 130
+    assert not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "train_info.json").write_text("{}")  # a previous run's output: kept as it was
+    assert main(["train", "--out", str(kept), "--data", str(data), *TINY, "--steps", "2"]) == 130
+    assert sorted(p.name for p in kept.iterdir()) == ["train_info.json"]

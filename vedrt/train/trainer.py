@@ -51,6 +51,7 @@ def train(
 
     out = Path(plan.out)
     state_dir = out / "trainer-state"  # resumable intermediate checkpoints, not part of the model
+    made = [d for d in (out, state_dir) if not d.exists()]  # removed again if left empty
     args = Seq2SeqTrainingArguments(
         output_dir=str(state_dir),
         max_steps=plan.steps,
@@ -98,7 +99,11 @@ def train(
         print(
             f"vedrt train: --resume: no saved state in {state_dir}, starting fresh", file=sys.stderr
         )
-    trainer.train(resume_from_checkpoint=True if has_state else None)
+    try:
+        trainer.train(resume_from_checkpoint=True if has_state else None)
+    except BaseException:  # Ctrl-C or an error before the first save: no empty folders left
+        _remove_if_empty(reversed(made))
+        raise
     seconds = time.time() - start
     final = trainer.evaluate()
     out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +120,15 @@ def train(
     }
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _remove_if_empty(folders: Any) -> None:
+    """Remove the folders this run created that hold nothing; never anything with a file in it."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # fails on a folder with anything in it, which stays
+        except OSError:
+            pass
 
 
 def _cuda() -> bool:
