@@ -60,8 +60,47 @@ def _mb(x: float | None) -> str:
     return f"{x / 1e6:,.1f} MB" if x < 1e7 else f"{x / 1e6:,.0f} MB"
 
 
+EXACT = ("fp32",)  # precisions that must give transformers' tokens before a time is compared
+# fewest timed runs behind a percentile worth printing: the p99 of 5 runs is their maximum
+PERCENTILE_RUNS = {"p90_s": 10, "p99_s": 100}
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{b / a:.2f}x"
+
+
+def tokens_differ(row: dict, backend: dict) -> bool:
+    """An exact-precision row whose tokens are not transformers': its times compare nothing."""
+    a = row.get("agreement")
+    return backend.get("precision") in EXACT and a is not None and a < 1.0
+
+
+def _speedup(row: dict, backend: dict, reference_p50: float | None) -> str:
+    if tokens_differ(row, backend) and reference_p50:
+        return "tokens differ"
+    return _ratio(row["p50_s"], reference_p50)
+
+
+def _percentile(row: dict, key: str) -> str:
+    """A tail percentile only from enough runs; `runs_s` absent (older results): as recorded."""
+    runs = row.get("runs_s")
+    if runs is not None and len(runs) < PERCENTILE_RUNS[key]:
+        return "-"
+    return _ms(row.get(key))
+
+
+def mismatches(report: dict) -> list[str]:
+    """Every exact-precision row whose tokens differ from the reference's, as one line each."""
+    out = []
+    for model in report["models"]:
+        for row in model["results"]:
+            backend = model["backends"].get(row["backend"], {})
+            if tokens_differ(row, backend):
+                out.append(
+                    f"{model['model']}, {_label(row['setting'])}: {row['backend']} tokens "
+                    f"{row['agreement']:.0%} identical to transformers'"
+                )
+    return out
 
 
 def _efficiency(row: dict) -> str:
@@ -76,6 +115,14 @@ def _tokens(row: dict) -> str:
     if a is None:
         return "-"
     return "identical" if a == 1.0 else f"{a:.0%} identical"
+
+
+def _readme_tokens(by_beams: dict[int, dict]) -> str:
+    """One cell for both searches: "identical" only if both are; else each search's share."""
+    cells = {beams: _tokens(row) for beams, row in sorted(by_beams.items(), reverse=True)}
+    if len(set(cells.values())) == 1:
+        return next(iter(cells.values()))
+    return ", ".join(f"{'greedy' if k == 1 else f'beam {k}'} {v}" for k, v in cells.items())
 
 
 def _settings(model: dict) -> list[dict]:
@@ -119,6 +166,8 @@ def model_table(model: dict) -> list[str]:
                 else ""
             )
         )
+    if not any(r["backend"].startswith("transformers") for r in model["results"]):
+        lines.append("- no transformers reference in this run: tokens not checked, no speedups")
     for s in _settings(model):
         ref, opt = _p50(model, s, "transformers"), _p50(model, s, "optimum")
         lines += [
@@ -134,8 +183,8 @@ def model_table(model: dict) -> list[str]:
             b = info[row["backend"]]
             lines.append(
                 f"| {b['name']} {b['precision']} ({b['device']}) | {_tokens(row)} | {_ms(row['p50_s'])} | "
-                f"{_ms(row['p90_s'])} | {_ms(row['p99_s'])} | {_ratio(row['p50_s'], ref)} | "
-                f"{_ratio(row['p50_s'], opt)} | {_ms((row.get('floor') or {}).get('floor_s'))} | "
+                f"{_percentile(row, 'p90_s')} | {_percentile(row, 'p99_s')} | {_speedup(row, b, ref)} | "
+                f"{_speedup(row, b, opt)} | {_ms((row.get('floor') or {}).get('floor_s'))} | "
                 f"{_efficiency(row)} | {row['images_per_s']:.2f} | {_ms(row.get('encoder_s'))} | "
                 f"{_ms(row.get('first_step_s'))} | {_ms(row.get('per_token_s'))} | "
                 f"{row['peak_rss_mb']:,.0f} MB | {_ms(b.get('load_s'))} | {_mb(b.get('disk_bytes'))} |"
@@ -193,7 +242,13 @@ def markdown(report: dict) -> str:
         f"backend; Python {m['python']}; {versions}.",
         f"{report['reps']} timed repetitions per backend and setting after {report['warmups']} warm-up(s), "
         f"interleaved across backends{_settle(report)}; each backend in its own process (its own peak RSS). Speedups are "
-        "ratios of p50 latencies from this run. Per token: (total - encoder - first step) / (new tokens - 1).",
+        "ratios of p50 latencies from this run, given only where the tokens were checked: an fp32 row whose "
+        "tokens differ from transformers' says so instead (int8 rows give their agreement). p90 is shown "
+        f"from {PERCENTILE_RUNS['p90_s']} timed runs, p99 from {PERCENTILE_RUNS['p99_s']}. Per token: "
+        "(total - encoder - first step) / (new tokens - 1); vedrt's encoder includes the cross K/V "
+        "projections, which transformers and Optimum compute in their first step. Peak RSS: the "
+        "process's peak so far, loading included (settings run in the order listed, so a row shows at "
+        "least the peak of the rows above it). Load: a fresh process's imports and model load.",
         _load_line(report),
         "",
         roofline_line(report),
@@ -204,40 +259,39 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def readme_table(report: dict, model_name: str = "vit-gpt2", stem: str = "results") -> str:
-    """The short table for the project README: one row per backend and setting of one model."""
+def readme_table(report: dict, model_name: str = "vit-gpt2", stem: str = "results") -> str | None:
+    """The short table for the project README: one row per backend of one model at batch 1, beam
+    4 and greedy; None when the run has no such rows (it then leaves the README's table alone)."""
+    rows: dict[str, dict[int, dict]] = {}
+    backends: dict[str, dict] = {}
+    model = next((m for m in report["models"] if m["model"] == model_name), None)
+    for row in model["results"] if model else []:
+        if row["setting"]["batch"] == 1 and "p50_s" in row:
+            rows.setdefault(row["backend"], {})[row["setting"]["beams"]] = row
+            backends[row["backend"]] = model["backends"][row["backend"]]
+    if not rows:
+        return None
+    new_tokens = next(iter(next(iter(rows.values())).values()))["setting"]["new_tokens"]
     lines = [
-        "| ViT-base + GPT2-small, batch 1, 16 new tokens, 2 threads | tokens | beam 4 | greedy | peak RSS | load |",
+        f"| ViT-base + GPT2-small, batch 1, {new_tokens} new tokens, {report['threads']} threads "
+        "| tokens | beam 4 | greedy | peak RSS | load |",
         "|---|---|---|---|---|---|",
     ]
-    for model in report["models"]:
-        if model["model"] != model_name:
-            continue
-        rows: dict[str, dict[int, dict]] = {}
-        for row in model["results"]:
-            if row["setting"]["batch"] == 1 and "p50_s" in row:
-                rows.setdefault(row["backend"], {})[row["setting"]["beams"]] = row
-        for key, by_beams in rows.items():
-            b = model["backends"][key]
-            cells = []
-            for beams in (4, 1):
-                row = by_beams.get(beams)
-                ref = _p50(model, row["setting"], "transformers") if row else None
-                floor = (
-                    ""
-                    if row is None or "efficiency" not in row
-                    else f", {_efficiency(row)} of floor"
-                )
-                cells.append(
-                    "-"
-                    if row is None
-                    else f"{_ms(row['p50_s'])} ({_ratio(row['p50_s'], ref)}{floor})"
-                )
-            any_row = next(iter(by_beams.values()))
-            lines.append(
-                f"| {b['name']} {b['precision']} | {_tokens(by_beams.get(4, any_row))} | {cells[0]} | {cells[1]} | "
-                f"{max(r['peak_rss_mb'] for r in by_beams.values()):,.0f} MB | {_ms(b.get('load_s'))} |"
-            )
+    for key, by_beams in rows.items():
+        b = backends[key]
+        cells = []
+        for beams in (4, 1):
+            row = by_beams.get(beams)
+            if row is None:
+                cells.append("-")
+                continue
+            ref = _p50(model, row["setting"], "transformers")
+            floor = "" if "efficiency" not in row else f", {_efficiency(row)} of floor"
+            cells.append(f"{_ms(row['p50_s'])} ({_speedup(row, b, ref)}{floor})")
+        lines.append(
+            f"| {b['name']} {b['precision']} | {_readme_tokens(by_beams)} | {cells[0]} | {cells[1]} | "
+            f"{max(r['peak_rss_mb'] for r in by_beams.values()):,.0f} MB | {_ms(b.get('load_s'))} |"
+        )
     m, load = report["machine"], report.get("load_average") or {}
     lines += [
         "",
@@ -313,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args[0] if args else Path(__file__).parent / "results" / "results.json")
     report = json.loads(path.read_text())
     write(report, path.parent, path.stem)
-    (path.parent / "README-table.md").write_text(readme_table(report, stem=path.stem))
+    table = readme_table(report, stem=path.stem)
+    if table is not None:
+        (path.parent / "README-table.md").write_text(table)
     return 0
 
 

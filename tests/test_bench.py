@@ -63,7 +63,9 @@ def test_harness_runs_backends_side_by_side(tmp_path):
     table = (out / "results.md").read_text()
     assert "| vedrt fp32 (cpu) | identical |" in table and "batch 1, beam 2" in table
     assert "Roofline, measured in this run" in table and "floor / p50" in table
-    assert (out / "README-table.md").is_file() and (out / "results.png").stat().st_size > 0
+    assert (out / "results.png").stat().st_size > 0
+    # the README's table is ViT-GPT2's: a run of another model leaves it alone (it was emptied)
+    assert not (out / "README-table.md").exists()
 
 
 def test_cli_reaches_the_harness(capsys):
@@ -92,6 +94,53 @@ def test_agreement_counts_identical_sequences():
     assert agreement(perturbed, reference) == 0.5
     assert agreement([[1, 5, 7]], reference) == 0.0  # another shape: nothing agrees
     assert agreement(reference, None) is None
+
+
+def _report(agreements: dict[str, float | None], runs: int = 5) -> dict:
+    """A results JSON as the harness writes it: transformers plus vedrt rows at batch 1."""
+    setting = {"batch": 1, "beams": 4, "new_tokens": 16}
+    backends, results = {}, []
+    for key, agreement in agreements.items():
+        name, precision, device = key.split("-")
+        backends[key] = {"name": name, "precision": precision, "device": device}
+        times = [0.5 + i / 100 for i in range(runs)] if name == "vedrt" else [2.0] * runs
+        results.append(
+            {"setting": setting, "backend": key, "agreement": agreement, "runs_s": times,
+             "p50_s": float(np.median(times)), "p90_s": float(np.percentile(times, 90)),
+             "p99_s": float(np.percentile(times, 99)), "images_per_s": 1.0, "peak_rss_mb": 1.0}
+        )  # fmt: skip
+    versions = {"onnxruntime": "1", "torch": "2"}
+    machine = {"cpu": "cpu", "cores": 2, "memory_gib": 1, "python": "3", "versions": versions}
+    return {"models": [{"model": "vit-gpt2", "image_size": [224, 224], "backends": backends,
+                        "results": results}], "machine": machine, "threads": 2, "reps": runs,
+            "warmups": 1}  # fmt: skip
+
+
+def test_no_speedup_for_fp32_tokens_that_differ_and_no_tail_percentile_from_five_runs():
+    """Tokens are checked before any time is compared: an fp32 row that differs from
+    transformers gets no ratio and the run names it (exit 1); int8 rows keep their ratio beside
+    their agreement. A p99 of 5 runs is their maximum: not printed."""
+    from benchmarks import report
+
+    exact = _report({"transformers-fp32-cpu": None, "vedrt-fp32-cpu": 1.0, "vedrt-int8-cpu": 0.5})
+    assert report.mismatches(exact) == []
+    table = report.markdown(exact)
+    assert "| vedrt fp32 (cpu) | identical | 520 ms | - | - | 3.85x |" in table
+    assert "| vedrt int8 (cpu) | 50% identical | 520 ms | - | - | 3.85x |" in table
+    differ = _report({"transformers-fp32-cpu": None, "vedrt-fp32-cpu": 0.5})
+    assert report.mismatches(differ) == [
+        "vit-gpt2, batch 1, beam 4, 16 new tokens: vedrt-fp32-cpu tokens 50% identical to "
+        "transformers'"
+    ]
+    assert "| vedrt fp32 (cpu) | 50% identical | 520 ms | - | - | tokens differ |" in (
+        report.markdown(differ)
+    )
+    assert "| 520 ms (tokens differ) |" in report.readme_table(differ)
+    many = report.markdown(_report({"transformers-fp32-cpu": None, "vedrt-fp32-cpu": 1.0}, 120))
+    assert "| vedrt fp32 (cpu) | identical | 1095 ms | 1571 ms | 1678 ms |" in many
+    alone = _report({"vedrt-fp32-cpu": None})
+    assert "no transformers reference in this run" in report.markdown(alone)
+    assert report.readme_table({**alone, "models": []}) is None  # the README's table left alone
 
 
 def _hand_count(model) -> dict[str, int]:
