@@ -4,9 +4,10 @@ A `Backend` is a name, a precision, a device and a `load(spec, threads) -> Runne
 starts one worker process per backend (so its peak RSS is its own), calls `load` there once, then
 `runner.generate(pixel_values, **options)` for the warm-ups, the token check and every timed
 repetition. A `Runner` returns token ids like transformers' `generate()` (int64 `[rows, length]`)
-and, if it can tell, `runner.timings` for its last call: `encoder_s` (encoder and cross K/V),
-`first_step_s` (the first decoder step); the harness derives the time per further token from
-those and the total, the same way for every backend.
+and, if it can tell, `runner.timings` for its last call: `encoder_s` (vedrt: the encoder and the
+cross K/V; transformers and Optimum compute the cross K/V inside their first step, so theirs is
+the encoder alone) and `first_step_s` (the first decoder step); the harness derives the time per
+further token from those and the total, the same way for every backend.
 
 Registering more backends (the GPU ones live in `benchmarks/backends_gpu.py`):
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .report import load_line, machine, machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent.parent / "runs" / "bench"
@@ -66,9 +67,9 @@ def throughput(gen, pixels: np.ndarray, reps: int, max_new: int) -> dict:
     _, batched = _engine_run(gen, pixels, options)
     identical = sum(np.array_equal(a, b) for a, b in zip(solo, batched, strict=True))
     engine_s, solo_s = [], []
-    for _ in range(reps):  # interleaved, so drift in the machine's load hits both alike
-        engine_s.append(_engine_run(gen, pixels, options)[0])
-        solo_s.append(_solo_run(gen, pixels, options)[0])
+    for rep in range(reps):  # interleaved, each going first in turn: drift hits both alike
+        for run in (_engine_run, _solo_run) if rep % 2 == 0 else (_solo_run, _engine_run):
+            (engine_s if run is _engine_run else solo_s).append(run(gen, pixels, options)[0])
     n = len(pixels)
     return {
         "requests": n,
@@ -118,8 +119,9 @@ def _markdown(results: dict) -> str:
     lines = [
         "# Engine: continuous batching vs one request at a time",
         "",
-        f"{results['machine']}; {results['threads']} ONNX Runtime thread(s); load average "
-        f"{results['load_average']}; median of {results['reps']} interleaved repetitions.",
+        f"{machine_line(results['machine'])}; {results['threads']} ONNX Runtime thread(s); "
+        f"{load_line(results['load_average'], results['load_average_after'], results['machine']['cores'])}; "
+        f"median of {results['reps']} interleaved repetitions, each mode first in turn.",
         "",
         "| model | 8 x beam-4 requests: engine | one at a time | speedup | identical "
         "| step at 32 rows, arrived together | outside the graph | arrived one per step "
@@ -146,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "threads": args.threads,
         "reps": args.reps,
-        "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "load_average": os.getloadavg()[0],
         "models": {},
     }
     for name in args.models:
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         result["host_staggered"] = host_share(gen, pixels, steps=12, staggered=True)
         results["models"][name] = result
         print(json.dumps(result, indent=1), flush=True)
-    results["load_average_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    results["load_average_after"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "engine.md").write_text(_markdown(results))

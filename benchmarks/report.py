@@ -41,6 +41,7 @@ def machine() -> dict[str, Any]:
         pass
     return {
         "cpu": cpu,
+        "gpus": _gpus(),
         "cores": os.cpu_count(),
         "memory_gib": round(mem, 1) if mem else None,
         "avx512_vnni": "avx512_vnni" in flags,
@@ -48,6 +49,42 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "versions": versions,
     }
+
+
+def _gpus() -> list[str]:
+    """The GPUs nvidia-smi lists (name, memory), none where it is absent or fails."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """`machine()` in one line, for every benchmark's Markdown."""
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    gpus = "".join(f", {gpu}" for gpu in m.get("gpus") or [])
+    return (
+        f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB{gpus}; Python {m['python']}; "
+        f"{versions}"
+    )
+
+
+def load_line(start: float, end: float, cores: int | None) -> str:
+    return (
+        f"load average (1 min) {start:.1f} at the start, {end:.1f} at the end, on {cores} cores "
+        "(above 0: other work shared the CPU)"
+    )
 
 
 def _ms(x: float | None) -> str:
@@ -233,13 +270,10 @@ def _settle(report: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
-    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
     lines = [
         "# vedrt benchmark",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {report['threads']} threads per "
-        f"backend; Python {m['python']}; {versions}.",
+        f"Machine: {machine_line(report['machine'])}; {report['threads']} threads per backend.",
         f"{report['reps']} timed repetitions per backend and setting after {report['warmups']} warm-up(s), "
         f"interleaved across backends{_settle(report)}; each backend in its own process (its own peak RSS). Speedups are "
         "ratios of p50 latencies from this run, given only where the tokens were checked: an fp32 row whose "

@@ -28,7 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from .report import load_line, machine, machine_line
+
 REPO = Path(__file__).resolve().parent.parent
+PERCENTILE_REQUESTS = {"p90_ms": 10, "p99_ms": 100}  # fewest requests behind a tail percentile
 OUT = Path(__file__).resolve().parent / "results"
 MODES = ("continuous", "one", "dynamic")
 
@@ -221,10 +224,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 port = sock.getsockname()[1]
             servers[mode] = (start_server(args, mode, port), port)
             load_point(port, 2, 8, requests)  # warm-up
+        load_before = os.getloadavg()[0]
         for concurrency in args.concurrency:
             runs: dict[str, list] = {mode: [] for mode in args.modes}
-            for _ in range(args.repeat):  # interleaved: drift in the machine hits every mode
-                for mode in args.modes:
+            for rep in range(args.repeat):  # interleaved, each mode first in turn: drift in the
+                # machine's load hits every mode alike
+                k = rep % len(args.modes)
+                for mode in args.modes[k:] + args.modes[:k]:
                     run = load_point(servers[mode][1], concurrency, args.requests, requests)
                     runs[mode].append(run)
             for mode in args.modes:
@@ -244,7 +250,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "encode_ahead": args.encode_ahead,
         "repeat": args.repeat,
         "points": points,
-        "machine": {"cpus": os.cpu_count(), "note": "shared 2-core machine; timings noisy"},
+        "machine": machine(),
+        "load_average": {"start": load_before, "end": os.getloadavg()[0]},
+        "rotated": True,  # each mode first in turn (results before 2026-12-06 evening: fixed order)
     }
 
 
@@ -255,9 +263,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{json.dumps(report['options'])}`, {report['threads']} engine thread(s), "
         f"max_rows {report['max_rows']}, dynamic window {report['window_ms']} ms",
         "",
-        f"Each point: {report.get('repeat', 1)} runs, the modes interleaved; images/s is the "
-        "median run, latency percentiles are over all runs' requests. continuous encodes ahead: "
-        f"{report.get('encode_ahead', False)}.",
+        f"Each point: {report.get('repeat', 1)} runs, the modes interleaved"
+        + (" (each first in turn)" if report.get("rotated") else "")
+        + "; images/s is the median run, latency percentiles are over all runs' requests "
+        f"(p90 from {PERCENTILE_REQUESTS['p90_ms']} requests, p99 from "
+        f"{PERCENTILE_REQUESTS['p99_ms']}). continuous encodes ahead: "
+        f"{report.get('encode_ahead', False)}"
+        + (
+            " (its encoder runs on a second thread with ONNX Runtime threads of its own, so it "
+            "may keep two cores busy where one and dynamic run one generate() at a time)"
+            if report.get("encode_ahead")
+            else ""
+        )
+        + ".",
+        *_machine_lines(report),
         "",
         *([report["note"], ""] if report.get("note") else []),
         "| concurrency | mode | images/s | p50 ms | p90 ms | p99 ms | wrong |",
@@ -266,9 +285,24 @@ def markdown(report: dict[str, Any]) -> str:
     for p in sorted(report["points"], key=lambda p: (p["concurrency"], MODES.index(p["mode"]))):
         lines.append(
             f"| {p['concurrency']} | {p['mode']} | {_rate(p['images_per_s'])} | "
-            f"{p['p50_ms']:.1f} | {p['p90_ms']:.1f} | {p['p99_ms']:.1f} | {p['wrong']} |"
+            f"{p['p50_ms']:.1f} | {_tail(p, 'p90_ms')} | {_tail(p, 'p99_ms')} | {p['wrong']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _tail(point: dict[str, Any], key: str) -> str:
+    """A tail percentile only from enough requests (the p99 of 16 is their maximum)."""
+    return "-" if point["requests"] < PERCENTILE_REQUESTS[key] else f"{point[key]:.1f}"
+
+
+def _machine_lines(report: dict[str, Any]) -> list[str]:
+    m, load = report.get("machine") or {}, report.get("load_average")
+    if "versions" not in m:  # results written before the machine was recorded
+        return []
+    lines = ["", f"Machine: {machine_line(m)}."]
+    if load:
+        lines[-1] += f" {load_line(load['start'], load['end'], m['cores']).capitalize()}."
+    return lines
 
 
 def _rate(images_per_s: float) -> str:

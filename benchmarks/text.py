@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .report import load_line, machine, machine_line
+
+SETTLE_S = 0.2  # as the harness's --settle
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "runs" / "bench" / "bert2gpt2"
@@ -115,22 +118,26 @@ def main(argv: list[str] | None = None) -> int:
         optimum_identical = np.array_equal(reference, opt())
         runners.append(("optimum", opt))
     times: dict[str, list[float]] = {name: [] for name, _ in runners}
-    for _ in range(args.reps):
-        for name, fn in runners:
+    load_before = os.getloadavg()[0]
+    for rep in range(args.reps):  # each backend first in turn, each call after a pause in which
+        # the one before's spinning threads stop (PyTorch's OpenMP workers, Optimum's ORT)
+        for name, fn in runners[rep % len(runners) :] + runners[: rep % len(runners)]:
+            time.sleep(SETTLE_S)
             began = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - began)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "model": "BERT-base encoder + GPT2-small decoder (random weights), 32-token text",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "threads": args.threads,
         "setting": options,
         "tokens_identical": bool(identical),
         "median_s": med,
         "speedup": med["transformers"] / med["vedrt"],
         "reps": args.reps,
-        "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "load_average": load_before,
+        "load_average_after": os.getloadavg()[0],
         "optimum": optimum_note,
     }
     if optimum is not None:
@@ -140,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "text.json").write_text(json.dumps(result, indent=2) + "\n")
     md = (
         "# bert2gpt2-base shape: vedrt vs transformers\n\n"
-        f"{result['model']}; {result['machine']}, {args.threads} threads; beam {args.beams}, "
-        f"{n} new tokens (forced); median of {args.reps} interleaved runs after a warm-up; load "
-        f"average {result['load_average']}.\n\n"
+        f"{result['model']}; {machine_line(result['machine'])}; {args.threads} threads; beam "
+        f"{args.beams}, {n} new tokens (forced); median of {args.reps} interleaved runs after a "
+        f"warm-up, each backend first in turn, each call {SETTLE_S:g} s after the one before; "
+        f"{load_line(load_before, result['load_average_after'], os.cpu_count())}.\n\n"
         "| backend | tokens | median | vs transformers |\n|---|---|---|---|\n"
         f"| transformers fp32 | reference | {med['transformers'] * 1e3:.0f} ms | 1.00x |\n"
         f"| vedrt fp32 | {'identical' if identical else 'DIFFERENT'} | "

@@ -281,3 +281,18 @@ def test_a_cached_export_is_used_only_for_the_checkpoint_it_came_from(tmp_path, 
         models.prepare(str(c), tmp_path / "work", ("fp32",), log).work_dir for c in (first, second)
     }
     assert len(roots) == 2  # and the two get caches of their own
+
+
+def test_serve_report_prints_tail_percentiles_only_from_enough_requests():
+    from benchmarks import serve
+
+    def point(mode: str, requests: int) -> dict:
+        return {"mode": mode, "concurrency": 8, "requests": requests, "wrong": 0,
+                "images_per_s": 2.0, "p50_ms": 10.0, "p90_ms": 20.0, "p99_ms": 30.0}  # fmt: skip
+
+    report = {"model": "m", "options": {}, "threads": 1, "max_rows": 32, "window_ms": 5.0,
+              "points": [point("continuous", 16), point("one", 100)]}  # fmt: skip
+    table = serve.markdown(report)
+    assert "| 8 | continuous | 2.000 | 10.0 | 20.0 | - | 0 |" in table
+    assert "| 8 | one | 2.000 | 10.0 | 20.0 | 30.0 | 0 |" in table
+    assert "each first in turn" not in table  # results from before the order rotated
