@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ..manifest import FORMAT_VERSION
+from .graphs import num_channels
 from .modules import decoder_dims, decoder_hidden_size
 
 
@@ -31,14 +33,14 @@ def _encoder_fields(model, family, image_size, enc_len, enc_dim) -> dict[str, An
             "modality": "text",
             "hidden_size": enc_dim,
             "vocab_size": config.vocab_size,
-            "max_positions": config.max_position_embeddings,
+            "max_positions": _positions_from(config, family.positions),
             "pad_token_id": config.pad_token_id,
         }
     return {
         "family": family.name,
         "modality": "image",
         "image_size": list(image_size),
-        "num_channels": 3,
+        "num_channels": num_channels(model),
         "enc_len": enc_len,
         "hidden_size": enc_dim,
         "prefix_tokens": family.prefix_tokens,
@@ -68,11 +70,10 @@ def build_manifest(
 
     dec_config = model.decoder.config
     layers, heads, head_dim = decoder_dims(dec_config)
-    gen = model.generation_config
+    gen = generation_config(model)
+    # transformers' `_prepare_special_tokens`: the start token, else BOS (never the model config's)
     start = (
-        gen.decoder_start_token_id
-        if gen.decoder_start_token_id is not None
-        else model.config.decoder_start_token_id
+        gen.decoder_start_token_id if gen.decoder_start_token_id is not None else gen.bos_token_id
     )
     graphs = {
         name: {
@@ -110,16 +111,41 @@ def build_manifest(
             "eos_token_id": gen.eos_token_id,
             "pad_token_id": gen.pad_token_id,
         },
-        "generation_config": gen.to_diff_dict() | {"max_length": gen.max_length},
+        # through transformers' JSON writer: some settings are objects (`watermarking_config`)
+        "generation_config": json.loads(gen.to_json_string(use_diff=True))
+        | {"max_length": gen.max_length},
         "graphs": graphs,
         "source_config": model.config.to_dict(),
         "validation": validation.to_json() if validation is not None else None,
     }
 
 
+def generation_config(model):
+    """The generation config transformers 4.57's `generate()` uses for this model: its own, or,
+    where that was made from the model config and never changed while the model config holds
+    generation settings (checkpoints from before generation_config.json), one made afresh from
+    the model config (`_prepare_generation_config`'s legacy rule)."""
+    from transformers import GenerationConfig
+
+    gen = model.generation_config
+    if (
+        getattr(gen, "_from_model_config", False)
+        and getattr(gen, "_original_object_hash", None) == hash(gen)
+        and len(model.config._get_non_default_generation_parameters()) > 0
+    ):
+        fresh = GenerationConfig.from_model_config(model.config)
+        if fresh != gen:
+            return fresh
+    return gen
+
+
 def _max_positions(config, family) -> int:
     """How many tokens the decoder can place: past that its position table runs out."""
-    if family.positions == "padding":  # RoBERTa: positions start after the padding index
+    return _positions_from(config, family.positions)
+
+
+def _positions_from(config, positions: str) -> int:
+    if positions == "padding":  # RoBERTa: positions start after the padding index
         return config.max_position_embeddings - (config.pad_token_id or 0) - 1
     return getattr(config, "n_positions", None) or config.max_position_embeddings
 
