@@ -9,6 +9,7 @@ patches (for attention maps) and how long its output sequence is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class EncoderFamily:
     prefix_tokens: int  # tokens before the patch tokens (CLS, distillation)
     hierarchical: bool = False  # Swin: patches merged by 2 per stage after the first
     modality: str = "image"  # "text": input_ids + attention_mask (EncoderDecoderModel)
+    positions: str = "absolute"  # text encoders: "padding" (RoBERTa) starts after the pad index
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class DecoderFamily:
     num_layers_field: str = "num_hidden_layers"
     num_heads_field: str = "num_attention_heads"
     hidden_size_field: str = "hidden_size"
+    # config fields the generic step assumes, with the value it assumes (a field the config does
+    # not have is taken to hold it): anything else is refused by name at export
+    requires: tuple[tuple[str, Any], ...] = ()
 
 
 ENCODERS: tuple[EncoderFamily, ...] = (
@@ -77,8 +82,10 @@ ENCODERS: tuple[EncoderFamily, ...] = (
     EncoderFamily("swinv2", ("swinv2",), prefix_tokens=0, hierarchical=True),
     # text EncoderDecoderModel encoders (bert2bert, roberta2roberta, bert2gpt2, ...)
     EncoderFamily("bert", ("bert",), prefix_tokens=0, modality="text"),
-    EncoderFamily("roberta", ("roberta",), prefix_tokens=0, modality="text"),
-    EncoderFamily("xlm-roberta", ("xlm-roberta",), prefix_tokens=0, modality="text"),
+    EncoderFamily("roberta", ("roberta",), prefix_tokens=0, modality="text", positions="padding"),
+    EncoderFamily(
+        "xlm-roberta", ("xlm-roberta",), prefix_tokens=0, modality="text", positions="padding"
+    ),
     EncoderFamily("electra", ("electra",), prefix_tokens=0, modality="text"),
 )
 
@@ -86,6 +93,7 @@ ENCODERS: tuple[EncoderFamily, ...] = (
 NOT_ENCODERS = ("gpt2", "gpt_neo", "gptj", "llama", "opt", "bloom")
 
 _BERT_BLOCK = dict(
+    requires=(("position_embedding_type", "absolute"),),  # relative_key*: not in the step
     self_qkv=None,
     self_q="attention.self.query",
     self_k="attention.self.key",
@@ -259,6 +267,17 @@ def decoder_family(model_type: str) -> DecoderFamily:
     raise UnsupportedArchitecture(
         f"unsupported decoder {model_type!r}; supported decoders: {_supported(DECODERS)}"
     )
+
+
+def check_decoder_config(config, family: DecoderFamily) -> None:
+    """Refuse, naming the field, a decoder setting the generic step does not implement."""
+    for field_name, value in family.requires:
+        found = getattr(config, field_name, value)
+        if found != value:
+            raise UnsupportedArchitecture(
+                f"decoder {field_name}={found!r} is not supported ({family.name} decoders: "
+                f"{field_name}={value!r} only)"
+            )
 
 
 def get_path(root, path: str):

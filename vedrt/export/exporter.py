@@ -19,7 +19,12 @@ from typing import Any
 from ..manifest import graph_bytes as graph_size
 from ..manifest import write_manifest
 from . import destination
-from .architectures import UnsupportedArchitecture, decoder_family, encoder_family
+from .architectures import (
+    UnsupportedArchitecture,
+    check_decoder_config,
+    decoder_family,
+    encoder_family,
+)
 from .graphs import DEFAULT_OPSET, MAX_OPSET, export_graphs
 from .optimize import externalize, fuse_graphs, write_lean_decoder
 from .quantize import QUANTIZE_CHOICES, quantize_graphs, token_agreement
@@ -256,6 +261,7 @@ def export_model(
     try:
         fam_enc = encoder_family(model.config.encoder.model_type)
         fam_dec = decoder_family(model.config.decoder.model_type)
+        check_decoder_config(model.config.decoder, fam_dec)
     except UnsupportedArchitecture as exc:
         raise ExportError(str(exc)) from None
     image_size = _image_size(model.config.encoder) if fam_enc.modality == "image" else None

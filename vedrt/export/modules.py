@@ -32,6 +32,7 @@ from torch import nn
 
 from .architectures import (
     DecoderFamily,
+    check_decoder_config,
     decoder_family,
     encoder_family,
     get_path,
@@ -154,6 +155,7 @@ class DecoderStep(nn.Module):
         decoder = model.decoder
         config = decoder.config
         f = self.family = decoder_family(config.model_type)
+        check_decoder_config(config, f)  # the torch executor builds this step too
         self.image_encoder = encoder_family(model.config.encoder.model_type).modality == "image"
         self.num_layers, self.heads, self.head_dim = decoder_dims(config)
         self.top_k = min(TOP_K, config.vocab_size)
