@@ -41,6 +41,11 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
 
 
+def num_channels(model) -> int:
+    """The image encoder's input channels (3 unless the config says otherwise: grayscale)."""
+    return int(getattr(model.config.encoder, "num_channels", 3) or 3)
+
+
 def graph_specs(
     model, image_size: tuple[int, int] | None, enc_len: int | str, enc_dim: int
 ) -> dict[str, GraphSpec]:
@@ -81,7 +86,8 @@ def graph_specs(
             TensorSpec("attention_mask", "int64", ("batch", enc_len)),
         )
     else:
-        encoder_in = (TensorSpec("pixel_values", f32, ("batch", 3, *image_size)),)
+        channels = num_channels(model)
+        encoder_in = (TensorSpec("pixel_values", f32, ("batch", channels, *image_size)),)
     return {
         "encoder": GraphSpec("encoder.onnx", encoder_in, (states,)),
         "cross_kv": GraphSpec("cross_kv.onnx", (states,), cross),
@@ -201,9 +207,14 @@ def example_inputs(
         pad = model.encoder.config.pad_token_id or 0
         encoder_in = (text.masked_fill(mask == 0, pad), mask)
     else:
-        encoder_in = (torch.randn(batch, 3, *image_size, generator=g),)
+        encoder_in = (torch.randn(batch, num_channels(model), *image_size, generator=g),)
     vocab = model.decoder.config.vocab_size
     ids = torch.randint(3, vocab, (batch * beams, past + new), generator=g)
+    # no pad id among them: validation compares against transformers' forward over the whole
+    # sequence, where a pad mid-sequence moves RoBERTa-style positions as generate() never does
+    pad = model.decoder.config.pad_token_id
+    if pad is not None and 3 <= pad < vocab and vocab > 4:
+        ids[ids == pad] = 3 if pad != 3 else 4
     cache = [
         torch.randn(batch * beams, heads, cache_len, hd, generator=g) for _ in range(2 * layers)
     ]

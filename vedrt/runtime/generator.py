@@ -168,6 +168,13 @@ class Generator:
         if self._processor is None:
             from .preprocess import ImageProcessor
 
+            channels = self.manifest.num_channels
+            if channels not in (None, 3):
+                raise InputError(
+                    f"this export's encoder takes {channels}-channel images and vedrt's image "
+                    "preprocessing makes RGB: pass pixel values made by the checkpoint's own "
+                    "processor to generate()"
+                )
             self._processor = ImageProcessor.from_file(
                 self.manifest.root / "preprocessor_config.json"
             )
