@@ -250,3 +250,23 @@ def test_encoder_with_its_own_tokenizer(tmp_path):
     expected = decoder_tok.batch_decode(ref, skip_special_tokens=True)
     assert load(out).generate_text(texts, num_beams=2, max_new_tokens=6) == expected
     export_model(model, out, overwrite=True, tokenizer=decoder_tok, encoder_tokenizer=encoder_tok)
+
+
+def test_roberta_encoder_length_limit_counts_its_padding_offset(tmp_path):
+    """RoBERTa numbers positions from pad + 1, so it places max_position_embeddings - pad - 1
+    tokens: one more passed vedrt's check and failed inside ONNX Runtime (a raw Gather error)."""
+    from vedrt.export import export_model
+
+    model = text_model("roberta", "gpt2")
+    enc = model.config.encoder
+    limit = enc.max_position_embeddings - enc.pad_token_id - 1
+    export_model(model, tmp_path / "export")
+    gen = load(tmp_path / "export")
+    assert gen.manifest.encoder["max_positions"] == limit
+    ids = np.random.default_rng(0).integers(5, 90, (1, limit + 1))
+    with pytest.raises(InputError, match=f"exceed the encoder's {limit} positions"):
+        gen.generate(ids, max_new_tokens=2)
+    reference = hf_generate(model, ids[:, :limit], np.ones_like(ids[:, :limit]), max_new_tokens=3)
+    np.testing.assert_array_equal(
+        gen.generate(ids[:, :limit], max_new_tokens=3), reference.sequences
+    )

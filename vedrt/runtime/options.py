@@ -64,6 +64,7 @@ UNSUPPORTED_IF_SET: dict[str, Any] = {
     "force_words_ids": None,
     "guidance_scale": None,
     "penalty_alpha": None,
+    "watermarking_config": None,
 }
 
 # Per-call switches that are not part of a generation config.
