@@ -60,7 +60,7 @@ class _QueueEngine:
                     self._cond.wait(0.1)
                 if self._stop and not self._queue:
                     return
-            batch = [h for h in self._take() if not h.cancelled]
+            batch = [h for h in self._take() if not h.cancel_requested]
             if batch:
                 self._run(batch)
 

@@ -58,3 +58,45 @@ def test_callback_runs_for_cancelled_and_failing_listeners_do_not_stop_the_engin
     finally:
         engine.stop(drain=True, timeout=60)
     assert cancelled in seen and good in seen
+
+
+def test_callbacks_may_use_the_engine_and_a_waiting_request_cancels_at_once():
+    """A done callback runs with no engine lock held: one reading `pending`, submitting, or even
+    stepping no longer deadlocks the engine. Cancelling a request that waits behind another
+    finishes it at once (it waited until it reached the head of the queue)."""
+    gen = load(MODEL, threads=1)
+    pixels = gen.preprocess(IMAGES[:2])
+    engine = gen.engine(max_rows=4)
+    first = engine.submit(pixels[:1], num_beams=4)  # holds every row
+    waiting = engine.submit(pixels[1:], num_beams=4)
+    later = engine.submit(pixels[1:], num_beams=4)
+    seen: list = []
+    waiting.add_done_callback(lambda h: seen.append(engine.pending))
+    engine.step()  # `first` admitted; the other two wait for rows
+    assert waiting.cancel() and waiting.done() and waiting.cancelled() and not later.done()
+    assert seen == [1] and engine.pending == 1  # the callback read the engine without a hang
+    follow: list = []
+    first.add_done_callback(lambda h: follow.append(engine.submit(pixels[:1])))
+    first.add_done_callback(lambda h: engine.step())  # re-entrant stepping from a callback
+    for _ in range(200):  # bounded: both finish within max_length steps each
+        engine.step()
+        if later.done() and follow and follow[0].done():
+            break
+    np.testing.assert_array_equal(later.result(0), gen.generate(pixels[1:], num_beams=4))
+    np.testing.assert_array_equal(follow[0].result(0), gen.generate(pixels[:1]))
+    assert first.done() and not first.cancelled() and not first.running()
+
+
+def test_a_started_engine_survives_callbacks_that_use_it():
+    gen = load(MODEL, threads=1)
+    pixels = gen.preprocess(IMAGES[:1])
+    engine = gen.engine(max_rows=4, encode_ahead=True).start()
+    try:
+        head = engine.submit(pixels, num_beams=4)
+        queued = engine.submit(pixels, num_beams=4)
+        queued.add_done_callback(lambda h: (engine.pending, engine.idle()))
+        queued.cancel()
+        assert head.result(60) is not None and queued.done()
+        assert engine.submit(pixels).result(60) is not None  # the engine still answers
+    finally:
+        engine.stop(drain=True, timeout=60)

@@ -46,7 +46,7 @@ class EncodeAhead:
         round_images = 1 if idle else self.round_images
         rows, images, chosen = self.limit - self.encoded_rows, round_images, []
         for handle in self.engine._waiting:
-            if handle.encoded is not None or handle.done() or handle.cancelled:
+            if handle.encoded is not None or handle.done() or handle.cancel_requested:
                 continue
             if (handle.rows > rows or handle.batch > images) and (chosen or self.encoded_rows):
                 break
@@ -69,7 +69,9 @@ class EncodeAhead:
             done = self._encode(chosen)
             with wake:  # set and counted together, so `admitted` always undoes what was added
                 for handle, value in done:
-                    if not (handle.done() or handle.cancelled):  # else it left (or leaves) as is
+                    if not (
+                        handle.done() or handle.cancel_requested
+                    ):  # else it left (or leaves) as is
                         handle.encoded = value
                         self.encoded_rows += handle.rows
                 wake.notify_all()

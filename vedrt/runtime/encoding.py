@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .cohort import cohort_key
 from .handle import Handle
 
 
@@ -59,3 +60,43 @@ def encode_into_slots(executor: Any, pool: Any, plans: list) -> None:
     encoded = executor.encode(pixels)
     for index, slot in enumerate(slots):
         pool.put_image(slot, encoded.cross, encoded.mask, index)
+
+
+def encode_admitted(executor: Any, manifest: Any, rows: Any, taken: list[Handle]) -> list[tuple]:
+    """The requests `taken` into the engine's pool: encoded (or as encoded ahead), the pool made
+    big enough, their image slots claimed and filled with their cross K/V. Returns one plan per
+    set of equal options, (handles, members, images, slots); raises with no slot left claimed
+    if they cannot be encoded or given room."""
+    direct = encodes_into_slots(executor, manifest, taken)
+    if taken[0].encoded is not None:  # encoded ahead: one part per encoder round
+        parts = {id(h.encoded[0]): h.encoded[0] for h in taken}
+        encoded, index = list(parts.values()), list(parts)
+        where = {id(h): (index.index(id(h.encoded[0])), h.encoded[1]) for h in taken}
+    elif not direct:
+        encoded, where = encode_requests(executor, taken)
+    rows.ensure(taken, manifest.enc_len if direct else max(e.enc_len for e in encoded))
+    cohorts: dict[Any, list[Handle]] = {}
+    for handle in taken:
+        cohorts.setdefault(cohort_key(handle.options), []).append(handle)
+    plans = []
+    for handles in cohorts.values():
+        members, batch = [], 0
+        for handle in handles:
+            members.append((handle, slice(batch, batch + handle.batch)))
+            batch += handle.batch
+        plans.append((handles, members, batch, rows.claim_slots(batch)))
+    try:
+        if direct:
+            encode_into_slots(executor, rows.pool, plans)
+        else:
+            for handles, _, _, slots in plans:
+                images = [(h, i) for h in handles for i in range(h.batch)]
+                for slot, (handle, i) in zip(slots, images, strict=True):
+                    part, first = where[id(handle)]
+                    rows.pool.put_image(slot, encoded[part].cross, encoded[part].mask, first + i)
+    except BaseException:
+        for _, _, _, slots in plans:
+            for slot in slots:
+                rows.slot_used[slot] = False
+        raise
+    return plans

@@ -18,6 +18,7 @@ this engine with one request, so the parity tests against transformers test it.
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from collections import deque
@@ -26,10 +27,9 @@ from typing import Any
 from .ahead import EncodeAhead
 from .cohort import Active as _Active
 from .cohort import can_join as _can_join
-from .cohort import cohort_key as _cohort_key
-from .encoding import encode_into_slots, encode_requests, encodes_into_slots
+from .encoding import encode_admitted
 from .errors import InputError
-from .handle import EngineStopped, Handle, input_batch
+from .handle import EngineStopped, Handle, input_batch, owned, run_callbacks
 from .options import GenerationOptions
 from .rows import Rows
 from .search import new_search, rows_needed
@@ -55,8 +55,9 @@ class Engine:
         options share one search: fewer searches per step, at the cost of up to that wait.
         encode_ahead: with `start()`, encode waiting requests on a second thread while the
         decoder steps (`ahead.py`), instead of inside the step that admits them."""
-        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
+        if isinstance(max_rows, bool) or not isinstance(max_rows, numbers.Integral) or max_rows < 1:
             raise InputError(f"max_rows must be a positive integer, got {max_rows!r}")
+        max_rows = int(max_rows)
         self.admit_every = float(admit_every)
         self.encode_ahead = bool(encode_ahead)
         self._ahead: EncodeAhead | None = None
@@ -70,6 +71,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._step_lock = threading.Lock()
+        self._due: list | None = None  # callbacks of requests finished in this step (`_finish`)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._drain = True
@@ -90,7 +92,8 @@ class Engine:
         """Queue one request: pixel values [n, C, H, W], or for a text model input_ids [n, L]
         (with its attention_mask); the options are `generate()`'s, checked here (InputError)."""
         o = self.gen.options(**options)
-        return self.submit_resolved(self.gen.check_inputs(inputs, attention_mask, o), o)
+        checked = owned(self.gen.check_inputs(inputs, attention_mask, o), inputs, attention_mask)
+        return self.submit_resolved(checked, o)
 
     def submit_resolved(self, inputs: Any, o: GenerationOptions) -> Handle:
         """`submit` for inputs and options already checked (`Generator.check_inputs`)."""
@@ -106,6 +109,7 @@ class Engine:
         if check is not None:  # engines built for bounded shapes say so before anything runs
             check(batch, o.num_beams, o.max_new)
         handle = Handle(inputs, o, rows)
+        handle.unqueue = self._unqueue
         with self._wake:
             if self._closed:
                 raise EngineStopped("the engine is stopped and accepts no new requests")
@@ -151,46 +155,73 @@ class Engine:
         with self._lock:
             return not self._waiting and not self._active
 
+    def _unqueue(self, handle: Handle) -> bool:
+        """`Handle.cancel` of a waiting request: out of the queue now (not when it reaches the
+        head). False once the engine has taken it (it is then dropped at the next step)."""
+        with self._lock:
+            try:
+                self._waiting.remove(handle)
+            except ValueError:
+                return False
+            self._left_queue([handle])
+            return True
+
+    def _finish(self, handle: Handle, result: Any = None, error: Any = None) -> None:
+        """Settle a request inside a step; its callbacks run after the step lets go of its
+        locks, so that one may use the engine (`pending`, `submit`, even `step`)."""
+        handle._finish(result, error, later=self._due)
+
     # -- one step -------------------------------------------------------------------------
     def step(self) -> list[Handle]:
         """Admit what fits, run one decoder step over every active row, advance each request's
         search; returns the requests that finished on this step (their rows freed)."""
-        with self._step_lock:
-            finished = self._drop_cancelled()
-            self._admit()
-            if not self._active:
-                return finished
-            began = time.perf_counter()
-            try:
-                out = self._decode()
-            except Exception as exc:  # the step failed for every row in it
-                for a in self._active:
-                    for handle, _ in a.open_members():
-                        handle._finish(error=exc)
-                        finished.append(handle)
-                self._rows.release([*self._active])
-                return finished
-            done = []
-            for a in self._active:
-                answered, over = self._advance(a, out)
-                finished += answered
-                if over:
-                    done.append(a)
-                elif answered:  # the others go on: the answered ones' rows leave now
-                    self._rows.shrink(a, answered)
-            self._rows.release(done)
-            if finished and self._ahead is not None:  # rows freed: the encoder may be needed
-                with self._wake:
-                    self._wake.notify_all()
-            self.stats["step_seconds"] += time.perf_counter() - began
+        due: list = []
+        try:
+            with self._step_lock:
+                self._due = due
+                try:
+                    return self._step()
+                finally:
+                    self._due = None
+        finally:
+            run_callbacks(due)
+
+    def _step(self) -> list[Handle]:
+        finished = self._drop_cancelled()
+        self._admit()
+        if not self._active:
             return finished
+        began = time.perf_counter()
+        try:
+            out = self._decode()
+        except Exception as exc:  # the step failed for every row in it
+            for a in self._active:
+                for handle, _ in a.open_members():
+                    self._finish(handle, error=exc)
+                    finished.append(handle)
+            self._rows.release([*self._active])
+            return finished
+        done = []
+        for a in self._active:
+            answered, over = self._advance(a, out)
+            finished += answered
+            if over:
+                done.append(a)
+            elif answered:  # the others go on: the answered ones' rows leave now
+                self._rows.shrink(a, answered)
+        self._rows.release(done)
+        if finished and self._ahead is not None:  # rows freed: the encoder may be needed
+            with self._wake:
+                self._wake.notify_all()
+        self.stats["step_seconds"] += time.perf_counter() - began
+        return finished
 
     def _drop_cancelled(self) -> list[Handle]:
         dropped = []
         for a in self._active:
-            cancelled = [h for h, _ in a.open_members() if h.cancelled]
+            cancelled = [h for h, _ in a.open_members() if h.cancel_requested]
             for handle in cancelled:
-                handle._finish(error=EngineStopped("the request was cancelled"))
+                self._finish(handle, error=EngineStopped("the request was cancelled"))
             if cancelled and a.open_members():
                 self._rows.shrink(a, cancelled)
             dropped += cancelled
@@ -208,9 +239,9 @@ class Engine:
         with self._lock:
             while self._waiting:
                 head = self._waiting[0]
-                if head.cancelled or head.done():  # cancelled, or failed to encode
+                if head.cancel_requested or head.done():  # cancelled, or failed to encode
                     self._left_queue([self._waiting.popleft()])
-                    head._finish(error=EngineStopped("the request was cancelled"))
+                    self._finish(head, error=EngineStopped("the request was cancelled"))
                     continue
                 if head.rows > free or (self._ahead is not None and head.encoded is None):
                     break
@@ -228,52 +259,21 @@ class Engine:
         if not self._waiting:
             return False
         head = self._waiting[0]
-        return self._ahead is None or head.encoded is not None or head.done() or head.cancelled
+        return (
+            self._ahead is None or head.encoded is not None or head.done() or head.cancel_requested
+        )
 
     def _admit(self) -> None:
         taken = self._take_admissible()
         if not taken:
             return
-        direct = encodes_into_slots(self.executor, self.gen.manifest, taken)
         try:
-            if taken[0].encoded is not None:  # encoded ahead: one part per encoder round
-                parts = {id(h.encoded[0]): h.encoded[0] for h in taken}
-                encoded, index = list(parts.values()), list(parts)
-                where = {id(h): (index.index(id(h.encoded[0])), h.encoded[1]) for h in taken}
-            elif not direct:
-                encoded, where = encode_requests(self.executor, taken)
-            enc_len = self.gen.manifest.enc_len if direct else max(e.enc_len for e in encoded)
-            self._rows.ensure(taken, enc_len)
+            plans = encode_admitted(self.executor, self.gen.manifest, self._rows, taken)
         except Exception as exc:  # these requests could not be encoded or given room
             for h in taken:
-                h._finish(error=exc)
+                self._finish(h, error=exc)
             return
-        cohorts: dict[Any, list[Handle]] = {}
-        for handle in taken:
-            cohorts.setdefault(_cohort_key(handle.options), []).append(handle)
-        plans = []
-        for handles in cohorts.values():
-            members, batch = [], 0
-            for handle in handles:
-                members.append((handle, slice(batch, batch + handle.batch)))
-                batch += handle.batch
-            plans.append((handles, members, batch, self._rows.claim_slots(batch)))
-        if direct:
-            try:
-                encode_into_slots(self.executor, self.pool, plans)
-            except Exception as exc:
-                for _, _, _, slots in plans:
-                    for slot in slots:
-                        self._rows.slot_used[slot] = False
-                for h in taken:
-                    h._finish(error=exc)
-                return
         for handles, members, batch, slots in plans:
-            if not direct:
-                images = [(h, i) for h in handles for i in range(h.batch)]
-                for slot, (handle, i) in zip(slots, images, strict=True):
-                    part, first = where[id(handle)]
-                    self.pool.put_image(slot, encoded[part].cross, encoded[part].mask, first + i)
             search = new_search(self.ops, handles[0].options, batch)
             joined = next((a for a in self._active if _can_join(a, handles[0].options)), None)
             self._rows.place(members, search, slots, joined)
@@ -304,7 +304,7 @@ class Engine:
             advance = a.search.step(out.logits[start:end], attn, top)
         except Exception as exc:  # one search's failure is its own requests'
             for handle, _ in a.open_members():
-                handle._finish(error=exc)
+                self._finish(handle, error=exc)
             return a.handles, True
         pool = self.pool
         pool.past_lengths[start:end] += 1
@@ -317,7 +317,7 @@ class Engine:
         for (handle, images), stop in zip(members, stopped, strict=True):
             if stop:
                 result = a.search.result(images)
-                handle._finish(result if handle.options.return_dict else result.sequences)
+                self._finish(handle, result if handle.options.return_dict else result.sequences)
                 self.stats["finished"] += 1
                 answered.append(handle)
         if advance.done or not a.open_members():
@@ -331,6 +331,8 @@ class Engine:
     def start(self) -> Engine:
         """Run `step()` on a background thread until `stop()`; returns the engine."""
         with self._lock:
+            if self._closed:
+                raise EngineStopped("the engine was stopped: make a new one with gen.engine()")
             if self.encode_ahead and self._ahead is None:
                 self._ahead = EncodeAhead(self, limit=self.max_rows)
             if self._thread is None:

@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger("vedrt")
+
+
+def owned(checked: Any, *given: Any) -> Any:
+    """`checked` inputs the caller can no longer change: copies of the arrays that share memory
+    with what it passed (a request waits in the queue; its buffer may be refilled meanwhile)."""
+    import numpy as np
+
+    sources = [g for g in given if isinstance(g, np.ndarray)]
+
+    def own(array: Any) -> Any:
+        if isinstance(array, np.ndarray) and any(np.shares_memory(array, g) for g in sources):
+            return array.copy()
+        return array
+
+    if isinstance(checked, dict):
+        return {name: own(array) for name, array in checked.items()}
+    return own(checked)
 
 
 def input_batch(inputs: Any) -> int:
@@ -18,7 +38,8 @@ class EngineStopped(RuntimeError):
 
 
 class Handle:
-    """One request: `.done()`, `.result(timeout)`, `.cancel()`, `.add_done_callback(fn)`.
+    """One request: `.done()`, `.running()`, `.cancelled()`, `.result(timeout)`,
+    `.exception(timeout)`, `.cancel()`, `.add_done_callback(fn)`.
 
     `submitted_at`, `started_at` and `finished_at` are `time.monotonic()` stamps (queue time and latency
     for metrics); `started_at` is None until the request is admitted to the engine's rows.
@@ -32,7 +53,9 @@ class Handle:
         self.submitted_at = time.monotonic()
         self.started_at: float | None = None
         self.finished_at: float | None = None
-        self.cancelled = False
+        self.cancel_requested = False
+        # set by the engine while the request waits: takes it out of the queue (True if it was)
+        self.unqueue: Callable[[Handle], bool] | None = None
         self.encoded: Any = None  # (Encoded, first index) once encoded ahead of admission
         self._event = threading.Event()
         self._lock = threading.Lock()
@@ -46,6 +69,14 @@ class Handle:
 
     def done(self) -> bool:
         return self._event.is_set()
+
+    def running(self) -> bool:
+        """Admitted to the engine's rows and not finished."""
+        return self.started_at is not None and not self.done()
+
+    def cancelled(self) -> bool:
+        """Finished because `cancel()` asked for it."""
+        return self.done() and self.cancel_requested and isinstance(self._error, EngineStopped)
 
     def result(self, timeout: float | None = None) -> Any:
         """What `generate()` returns for this request; raises its error, if it failed."""
@@ -61,35 +92,60 @@ class Handle:
         return self._error
 
     def cancel(self) -> bool:
-        """Ask the engine to drop the request; its rows are freed at the next step."""
+        """Drop the request: one still waiting finishes at once (`EngineStopped`); a running
+        one at the engine's next step, which frees its rows. False if it had finished."""
         if self.done():
             return False
-        self.cancelled = True
+        self.cancel_requested = True
+        unqueue = self.unqueue
+        if unqueue is not None and unqueue(self):
+            self._finish(error=EngineStopped("the request was cancelled"))
         return True
 
     def add_done_callback(self, fn: Callable[[Handle], Any]) -> None:
         """Call `fn(handle)` when the request finishes (at once if it already has), on the
-        thread that finishes it: keep it short (an event loop's `call_soon_threadsafe`)."""
+        thread that finishes it, with no engine lock held: keep it short (an event loop's
+        `call_soon_threadsafe`). A callback's exception is logged, never raised."""
         with self._lock:
             if not self._event.is_set():
                 self._callbacks.append(fn)
                 return
-        fn(self)
+        _call(fn, self)
 
     def admitted(self) -> None:
         self.started_at = time.monotonic()
 
-    def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
+    def _finish(
+        self, result: Any = None, error: BaseException | None = None, later: list | None = None
+    ) -> None:
+        """Settle the request. Its callbacks run now, or, with `later`, are appended there as
+        (fn, handle) for the engine to run once it holds no lock (a callback may use it)."""
         with self._lock:
             if self._event.is_set():
                 return
             self._result, self._error = result, error
             self.finished_at = time.monotonic()
             self.inputs = None  # the request's inputs are not needed any more
+            self.unqueue = None
             self._event.set()
             callbacks, self._callbacks = self._callbacks, []
+        if later is not None:
+            later.extend((fn, self) for fn in callbacks)
+            return
         for fn in callbacks:
-            try:
-                fn(self)
-            except Exception:  # a broken callback must not take the engine down
-                pass
+            _call(fn, self)
+
+
+def _call(fn: Callable[[Handle], Any], handle: Handle) -> None:
+    """A broken callback must not take the engine (or the caller) down: logged, as
+    `concurrent.futures` does."""
+    try:
+        fn(handle)
+    except Exception:
+        log.exception("exception calling the done callback of %r", handle)
+
+
+def run_callbacks(due: list) -> None:
+    """Run the (fn, handle) pairs `Handle._finish(later=...)` collected."""
+    for fn, handle in due:
+        _call(fn, handle)
