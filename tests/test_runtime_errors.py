@@ -78,6 +78,11 @@ def test_pixel_values_checks(generator):
         ([], "pixel_values is empty"),
         (good.tolist(), "got a list of list: np.asarray"),
         ("pixels", "numpy array"),
+        (
+            np.full_like(good, np.nan),
+            f"{good.size} non-finite value",
+        ),  # they poisoned the next request
+        (np.where(np.arange(SIZE) == 3, np.inf, good).astype(np.float32), "non-finite"),
     ]
     for value, words in cases:
         with pytest.raises(InputError, match=words) as info:
@@ -315,3 +320,40 @@ def test_no_torch_or_transformers_imported(export_dir, image_files):
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert "HEAVY [] RC 0" in result.stdout, result.stdout + result.stderr
+
+
+@runtime
+def test_engine_api_edges(generator):
+    """What a Future-style handle and an engine promise beyond the common path."""
+    good = np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
+    solo = generator.generate(good, num_beams=2)
+    engine = generator.engine(max_rows=np.int64(4))  # numpy integers are integers
+    buffer = good.copy()
+    handle = engine.submit(buffer, num_beams=2)
+    buffer[:] = 0  # the caller reuses its buffer before the request runs: it was read later
+    while not handle.done():
+        engine.step()
+    np.testing.assert_array_equal(handle.result(0), solo)
+    assert not handle.cancelled() and not handle.running()
+    handle.add_done_callback(lambda h: 1 / 0)  # logged, not raised into the caller
+    engine.stop()
+    with pytest.raises(RuntimeError, match="make a new one"):
+        engine.start()
+
+
+@runtime
+def test_a_cache_too_big_for_memory_names_the_options(generator, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 59.1 GiB")
+
+    monkeypatch.setattr(generator.executor, "new_pool", no_memory)
+    with pytest.raises(InputError, match="does not fit in memory: ask for fewer beams"):
+        generator.generate(np.zeros((1, 3, SIZE, SIZE), np.float32), num_beams=6)
+
+
+@runtime
+def test_one_string_is_one_text():
+    """A string given to generate_text was split into characters ("text 1: empty")."""
+    gen = load(ROOT / "vedrt" / "models" / "text")
+    text = "a large green triangle to the left of a small yellow circle"
+    assert gen.generate_text(text, num_beams=2) == gen.generate_text([text], num_beams=2)

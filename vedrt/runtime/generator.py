@@ -118,9 +118,11 @@ class Generator:
             raise InputError("attention_mask is for text models; this export takes images")
         return self.check_pixel_values(inputs)
 
-    def generate_text(self, texts: list[str], **options: Any) -> list[str]:
+    def generate_text(self, texts: str | list[str], **options: Any) -> list[str]:
         """Texts in, texts out (num_return_sequences per text, in order): tokenize with the
-        export's tokenizer, generate, decode."""
+        export's tokenizer, generate, decode. One string is one text, as in `caption`."""
+        if isinstance(texts, str):
+            texts = [texts]
         if self.manifest.modality != "text":
             raise InputError("generate_text() is for text models; this export captions images")
         if self._tokenizer is None:
@@ -161,6 +163,10 @@ class Generator:
         shape = pixel_values.shape
         if len(shape) != 4 or shape[0] < 1 or shape[1:] != (m.num_channels, *m.image_size):
             raise InputError(f"pixel_values has shape {list(shape)}, expected {expected}")
+        finite = np.isfinite(pixel_values)
+        if not finite.all():  # NaN K/V left in the cache rows would reach the next request too
+            bad = int(finite.size - np.count_nonzero(finite))
+            raise InputError(f"pixel_values has {bad} non-finite value(s) (NaN or infinity)")
         return np.ascontiguousarray(pixel_values)
 
     @property

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .cohort import Active
+from .errors import InputError
 from .handle import Handle
 from .options import PROMPT_LEN
 
@@ -44,10 +45,16 @@ class Rows:
         if self.min_cache_len is not None:
             cache_len = max(cache_len, self.min_cache_len)
         slots = sum(self.slot_used) + sum(h.batch for h in taken)
-        if self.pool is None:
-            self.pool = self.executor.new_pool(self.max_rows, slots, cache_len, enc_len)
-        else:
-            self.pool.ensure(cache_len, slots, enc_len, self.used)
+        try:
+            if self.pool is None:
+                self.pool = self.executor.new_pool(self.max_rows, slots, cache_len, enc_len)
+            else:
+                self.pool.ensure(cache_len, slots, enc_len, self.used)
+        except MemoryError:  # numpy's "Unable to allocate 59.1 GiB" names no option
+            raise InputError(
+                f"the decoder cache of {self.max_rows} rows x {cache_len} positions does not fit "
+                "in memory: ask for fewer beams, return sequences, images or new tokens"
+            ) from None
         self.slot_used += [False] * (self.pool.slots - len(self.slot_used))
 
     def claim_slots(self, count: int) -> list[int]:
