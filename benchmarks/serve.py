@@ -301,7 +301,8 @@ def _machine_lines(report: dict[str, Any]) -> list[str]:
         return []
     lines = ["", f"Machine: {machine_line(m)}."]
     if load:
-        lines[-1] += f" {load_line(load['start'], load['end'], m['cores']).capitalize()}."
+        line = load_line(load["start"], load["end"], m["cores"])
+        lines[-1] += f" {line[0].upper()}{line[1:]}."
     return lines
 
 
