@@ -93,7 +93,8 @@ def test_watermarking_config_exports_and_warns(tmp_path):
     TypeError), and loading warns that vedrt does not apply it."""
     model = tiny_model("vit", "gpt2")
     model.generation_config.watermarking_config = transformers.WatermarkingConfig(bias=5.0)
-    export_model(model, tmp_path / "export")
+    with pytest.warns(UserWarning, match="watermarking_config"):  # validation loads it too
+        export_model(model, tmp_path / "export")
     manifest = json.loads((tmp_path / "export" / "vedrt.json").read_text())
     assert manifest["generation_config"]["watermarking_config"]["bias"] == 5.0
     with pytest.warns(UserWarning, match="watermarking_config"):
