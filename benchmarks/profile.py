@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    for export_dir in args.export_dirs:  # before any work: one line, not a traceback mid-run
+        if not (export_dir / "vedrt.json").is_file():
+            parser.error(f"{export_dir}: not a vedrt export (no vedrt.json)")
     result = {}
     for export_dir in args.export_dirs:
         result[str(export_dir)] = {
