@@ -35,7 +35,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "exact-match and BLEU-4 of an export directory on held-out data",
     ),
     "bench": ("benchmarks.__main__", "benchmark vedrt against transformers and Optimum"),
-    "build": ("vedrt.tensorrt.cli", "build TensorRT FP16 engines from an export directory"),
+    "build": (
+        "vedrt.tensorrt.cli",
+        "build TensorRT engines (FP32, or FP16 with --fp16) from an export directory",
+    ),
     "serve": ("vedrt.serve.cli", "serve captions over HTTP: KServe v2 / Triton, /v1/caption"),
 }
 
