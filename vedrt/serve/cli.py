@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from typing import Any
@@ -58,9 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--encode-ahead",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="encode waiting requests on a second thread while the decoder steps (default: on; "
-        "1.4x the images/s at beam 4 over HTTP, 1.7x greedy in-process, on 2 cores: see README)",
+        default=None,
+        help="encode waiting requests on a second thread while the decoder steps (default: on "
+        "when the two sessions' threads fit the cores, 2 x --threads <= cores; on 2 cores 1.4x "
+        "the scene model's images/s at beam 4 with 1 thread, 0.8x ViT-GPT2's with 2: see README)",
     )
     parser.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment")
     parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
@@ -77,6 +79,9 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     if args.threads < 0:
         raise UsageError("--threads must be 0 (ONNX Runtime's choice) or more")
+    encode_ahead = args.encode_ahead
+    if encode_ahead is None:
+        encode_ahead = args.threads > 0 and 2 * args.threads <= _cores()
     return ServeOptions(
         model=args.model,
         name=args.name,
@@ -85,8 +90,16 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         max_body_mb=args.max_body_mb,
         request_timeout=args.request_timeout,
         threads=args.threads,
-        encode_ahead=args.encode_ahead,
+        encode_ahead=encode_ahead,
     )
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container's share, where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def run(args: argparse.Namespace) -> int:
