@@ -18,7 +18,13 @@ from tiny_models import decoder_config  # noqa: E402
 from vedrt.runtime import InputError, load  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-PAIRS = [("bert", "bert"), ("roberta", "roberta"), ("bert", "gpt2"), ("xlm-roberta", "mbart")]
+PAIRS = [
+    ("bert", "bert"),
+    ("roberta", "roberta"),
+    ("bert", "gpt2"),
+    ("xlm-roberta", "mbart"),
+    ("electra-proj", "electra"),  # an ELECTRA encoder with embeddings_project
+]
 SETTINGS = [
     {"max_new_tokens": 8},
     {"num_beams": 3, "max_new_tokens": 8},
