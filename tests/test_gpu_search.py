@@ -193,6 +193,16 @@ def test_load_errors(exported, tmp_path):
         load(out, backend="torch", device="cpu")
     with pytest.raises(InputError, match="does not match"):
         load(out, backend="torch", device="cpu", checkpoint=tiny_model("vit", "trocr"))
+    # a decoder like the export's on another encoder, patch size or position table loaded and
+    # generated other tokens (only the decoder's sizes were compared)
+    others = [
+        (tiny_model("swin", "gpt2"), "encoder.model_type: export 'vit', checkpoint 'swin'"),
+        (tiny_model("vit", "gpt2", encoder_overrides={"patch_size": 4}), "encoder.patch_size"),
+        (tiny_model("vit", "gpt2", decoder_overrides={"n_positions": 32}), "decoder.n_positions"),
+    ]
+    for other, words in others:
+        with pytest.raises(InputError, match=words):
+            load(out, backend="torch", device="cpu", checkpoint=other)
     with pytest.raises(InputError, match="not a directory"):
         load(out, backend="torch", device="cpu", checkpoint=str(tmp_path / "nothing"))
     with pytest.raises(InputError, match="precision"):

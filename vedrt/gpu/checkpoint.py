@@ -78,3 +78,56 @@ def check_matches(manifest: Manifest, model: Any) -> None:
             "checkpoint does not match the export: (family, layers, heads, head_dim, vocab) "
             f"{have} vs {want} in {manifest.root}/vedrt.json"
         )
+    exported = manifest.raw.get("source_config")
+    if isinstance(exported, dict):  # the encoder and the position tables too, not only the above
+        found = next(structure_differences(exported, _as_json(model.config.to_dict())), None)
+        if found is not None:
+            raise InputError(
+                f"checkpoint does not match the export: {found} ({manifest.root}/vedrt.json)"
+            )
+
+
+# config fields that change what the weights compute or where they apply (sizes, layouts,
+# position tables): the checkpoint's must equal what the export was made from
+STRUCTURE = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "embed_dim",
+    "depths",
+    "num_heads",
+    "window_size",
+    "embedding_size",
+    "max_position_embeddings",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "d_model",
+    "decoder_layers",
+    "decoder_attention_heads",
+    "decoder_ffn_dim",
+    "vocab_size",
+)
+
+
+def structure_differences(exported: dict, given: dict) -> Any:
+    """'encoder.patch_size: export 16, checkpoint 32' for each structural field that differs."""
+    for part in ("encoder", "decoder"):
+        want, have = exported.get(part) or {}, given.get(part) or {}
+        for key in STRUCTURE:
+            if key in want and key in have and want[key] != have[key]:
+                yield f"{part}.{key}: export {want[key]!r}, checkpoint {have[key]!r}"
+
+
+def _as_json(config: dict) -> dict:
+    """The config as the manifest holds it (tuples as lists)."""
+    import json
+
+    return json.loads(json.dumps(config, default=str))

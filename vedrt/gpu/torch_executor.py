@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from ..export.modules import CrossKV, DecoderStep, EncoderGraph, TextEncoderGraph, decoder_dims
 from ..runtime.executor import Encoded, StepOutput
 from ..runtime.pool import KVPool
@@ -49,7 +50,7 @@ class TorchExecutor:
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         if cuda_graphs and self.device.type != "cuda":
-            raise ValueError("cuda_graphs=True needs device='cuda'")
+            raise InputError("cuda_graphs=True needs device='cuda'")
         self.cuda_graphs = cuda_graphs
         self._graph_pool = None
 
