@@ -357,3 +357,32 @@ def test_one_string_is_one_text():
     gen = load(ROOT / "vedrt" / "models" / "text")
     text = "a large green triangle to the left of a small yellow circle"
     assert gen.generate_text(text, num_beams=2) == gen.generate_text([text], num_beams=2)
+
+
+@runtime
+def test_a_request_that_overflows_inside_the_model_fails_alone(export_dir):
+    """Finite pixel values can still overflow to NaN inside the model (3e38 is a float32): that
+    request fails with one line, and the NaN it wrote to the cache rows and image slots no longer
+    reaches the requests beside it, after it, or the next generate()."""
+    gen = load(export_dir)
+    rng = np.random.default_rng(1)
+    good = rng.standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    huge = np.full((1, 3, SIZE, SIZE), 3e38, np.float32)
+    solo = [gen.generate(good[i : i + 1], num_beams=2) for i in range(2)]
+    engine = gen.engine(max_rows=6)
+    first = engine.submit(good[:1], num_beams=2)
+    bad = engine.submit(huge, num_beams=2)  # the same options: one search with `first`
+    for _ in range(200):
+        engine.step()
+        if first.done() and bad.done():
+            break
+    with pytest.raises(InputError, match="NaN or infinite"):
+        bad.result(0)
+    np.testing.assert_array_equal(first.result(0), solo[0])
+    after = engine.submit(good[1:], num_beams=2)  # takes the rows and slot the bad one left
+    while not after.done():
+        engine.step()
+    np.testing.assert_array_equal(after.result(0), solo[1])
+    with pytest.raises(InputError, match="NaN or infinite"):
+        gen.generate(huge, num_beams=2)
+    np.testing.assert_array_equal(gen.generate(good[1:], num_beams=2), solo[1])  # spare engine

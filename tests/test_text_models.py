@@ -276,3 +276,23 @@ def test_roberta_encoder_length_limit_counts_its_padding_offset(tmp_path):
     np.testing.assert_array_equal(
         gen.generate(ids[:, :limit], max_new_tokens=3), reference.sequences
     )
+
+
+def test_engine_attentions_are_as_wide_as_the_request(exported_text):
+    """A text request's cross attentions came back as wide as a longer request in the pool."""
+    _, gen = exported_text
+    rng = np.random.default_rng(3)
+    long_ids, ids = rng.integers(5, 90, (1, 12)), rng.integers(5, 90, (1, 9))
+    engine = gen.engine(max_rows=8)
+    longer = engine.submit(long_ids, max_new_tokens=8)
+    engine.step()
+    options = {"max_new_tokens": 4, "return_dict": True, "output_attentions": True}
+    handle = engine.submit(ids, **options)
+    for _ in range(100):
+        engine.step()
+        if longer.done() and handle.done():
+            break
+    solo = gen.generate(ids, **options).cross_attentions
+    got = handle.result(0).cross_attentions
+    assert [a.shape for a in got[0]] == [a.shape for a in solo[0]]
+    np.testing.assert_allclose(got[0][0], solo[0][0], atol=1e-5)

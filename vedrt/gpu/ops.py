@@ -87,6 +87,10 @@ class TorchOps:
     def min(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         return torch.min(x, dim=axis, keepdim=True)[0]
 
+    def finite_rows(self, x: torch.Tensor) -> np.ndarray:
+        """Per row of `[rows, n]`, on the host (one small copy back a step)."""
+        return torch.isfinite(x).all(dim=1).cpu().numpy()
+
     def any(self, x: torch.Tensor, axis: int | None = None) -> Any:
         return torch.any(x) if axis is None else torch.any(x, dim=axis, keepdim=True)
 

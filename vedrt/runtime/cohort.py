@@ -10,6 +10,11 @@ from .handle import Handle
 from .options import GenerationOptions
 from .search import mergeable
 
+NONFINITE = (
+    "the decoder's output for this request is NaN or infinite: its inputs push the model past "
+    "its number range"
+)
+
 
 class Active:
     """Requests with the same options stepped as one search (a cohort: one batched search costs
@@ -25,6 +30,7 @@ class Active:
         self.slots = slots
         self.options = members[0][0].options
         self.key = cohort_key(self.options)
+        self.enc_width: int | None = None  # a text request's own encoder length (attentions)
 
     @property
     def rows(self) -> int:
@@ -53,6 +59,20 @@ class Active:
         self.search.keep(np.asarray(kept, dtype=np.int64))
         self.slots, self.members = keep_slots, members
         return [i * per + j for i in kept for j in range(per)], freed
+
+    def nonfinite(self, finite_rows: np.ndarray) -> tuple[list[Handle], list[int], list[int]]:
+        """The open members owning a row whose step was not finite (`finite_rows`: per row of
+        this cohort), and those members' rows (relative to the cohort) and image slots."""
+        per = self.search.rows_per_image
+        bad = set((np.flatnonzero(~finite_rows) // per).tolist())
+        failed, rows, slots = [], [], []
+        for handle, images in self.members:
+            if handle.done() or not bad.intersection(range(images.start, images.stop)):
+                continue
+            failed.append(handle)
+            rows += range(images.start * per, images.stop * per)
+            slots += self.slots[images.start : images.stop]
+        return failed, rows, slots
 
     @property
     def handles(self) -> list[Handle]:

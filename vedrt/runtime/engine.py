@@ -25,6 +25,7 @@ from collections import deque
 from typing import Any
 
 from .ahead import EncodeAhead
+from .cohort import NONFINITE
 from .cohort import Active as _Active
 from .cohort import can_join as _can_join
 from .encoding import encode_admitted
@@ -202,8 +203,9 @@ class Engine:
             self._rows.release([*self._active])
             return finished
         done = []
+        finite = self.ops.finite_rows(out.logits if out.top_ids is None else out.top_logprobs)
         for a in self._active:
-            answered, over = self._advance(a, out)
+            answered, over = self._advance(a, out, finite[a.offset : a.offset + a.rows])
             finished += answered
             if over:
                 done.append(a)
@@ -276,7 +278,9 @@ class Engine:
         for handles, members, batch, slots in plans:
             search = new_search(self.ops, handles[0].options, batch)
             joined = next((a for a in self._active if _can_join(a, handles[0].options)), None)
-            self._rows.place(members, search, slots, joined)
+            cohort = self._rows.place(members, search, slots, joined)
+            if joined is None and isinstance(handles[0].inputs, dict):  # texts: attentions
+                cohort.enc_width = max(h.inputs["input_ids"].shape[1] for h in handles)
             for handle in handles:
                 handle.admitted()
                 handle.encoded = None  # the slots hold its K/V now
@@ -293,10 +297,20 @@ class Engine:
         self.stats["rows_last_step"] = rows
         return out
 
-    def _advance(self, a: _Active, out: Any) -> tuple[list[Handle], bool]:
-        """One search step for `a` on its rows: (the requests answered, whether `a` is over)."""
+    def _advance(self, a: _Active, out: Any, finite: Any) -> tuple[list[Handle], bool]:
+        """One search step for `a` on its rows: (the requests answered, whether `a` is over).
+        A request whose rows came out NaN or infinite (inputs past the model's number range)
+        fails, its rows and slots zeroed; the others in `a` go on as if it were not there."""
         start, end = a.offset, a.offset + a.rows
-        attn = [x[start:end] for x in out.cross_attn] if out.cross_attn is not None else None
+        failed = []
+        if not finite.all():
+            failed, rows, slots = a.nonfinite(finite)
+            for handle in failed:
+                self._finish(handle, error=InputError(NONFINITE))
+            self.pool.clear([start + r for r in rows], slots)
+        attn = None
+        if out.cross_attn is not None:  # the pool's encoder width may be a longer request's
+            attn = [x[start:end, ..., : a.enc_width] for x in out.cross_attn]
         top = None
         if out.top_ids is not None:
             top = (out.top_logprobs[start:end], out.top_ids[start:end])
@@ -309,7 +323,7 @@ class Engine:
         pool = self.pool
         pool.past_lengths[start:end] += 1
         self.stats["tokens"] += a.rows
-        answered, members = [], a.open_members()
+        answered, members = failed, a.open_members()
         if advance.done or len(a.members) == 1:
             stopped = [advance.done] * len(members)
         else:

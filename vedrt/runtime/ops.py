@@ -97,6 +97,10 @@ class NumpyOps:
     def min(self, x: np.ndarray, axis: int) -> np.ndarray:
         return x.min(axis=axis, keepdims=True)
 
+    def finite_rows(self, x: np.ndarray) -> np.ndarray:
+        """Per row of `[rows, n]`, on the host: are all its values finite?"""
+        return np.isfinite(x).all(axis=1)
+
     # the array methods, not np.any / np.all: their dispatch costs more than a small reduction
     def any(self, x: np.ndarray, axis: int | None = None) -> Any:
         return x.any() if axis is None else x.any(axis=axis, keepdims=True)

@@ -139,6 +139,15 @@ class KVPool:
         self.encoder_mask[slot] = 0
         self.encoder_mask[slot, :length] = mask[index]
 
+    def clear(self, rows: list[int], slots: list[int]) -> None:
+        """Zero these cache rows (every position) and image slots: what a request whose step
+        came out NaN or infinite leaves there would reach the next occupant through its masked
+        positions, since 0 x NaN is NaN."""
+        if rows:
+            self.cache[:, :, self.ops.asarray(rows)] = 0
+        if slots:
+            self.cross[:, self.ops.asarray(slots)] = 0
+
     def _by_layer_kv(self):
         """The cache viewed as `[2 * layers, rows, heads, cache_len, head_dim]` (k0, v0, k1, ...),
         so one indexed read or write covers every layer's K and V."""

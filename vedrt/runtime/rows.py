@@ -63,8 +63,9 @@ class Rows:
             self.slot_used[i] = True
         return slots
 
-    def place(self, members: list, search: Any, slots: list[int], joined: Active | None) -> None:
-        """A new search's rows: after cohort `joined`'s, which takes it in, or after all."""
+    def place(self, members: list, search: Any, slots: list[int], joined: Active | None) -> Active:
+        """A new search's rows: after cohort `joined`'s, which takes it in, or after all.
+        Returns the cohort it is in."""
         offset = self.used
         if joined is not None:
             for b in reversed(self.active[self.active.index(joined) + 1 :]):
@@ -76,8 +77,9 @@ class Rows:
         if joined is not None:  # one search for all of them: the host's cost of one
             joined.join(members, search, slots)
         else:
-            self.active.append(Active(members, search, offset, slots))
+            self.active.append(joined := Active(members, search, offset, slots))
         self.groups = 0
+        return joined
 
     def move(self, a: Active, offset: int) -> None:
         rows = np.arange(a.rows)
