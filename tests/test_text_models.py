@@ -296,3 +296,22 @@ def test_engine_attentions_are_as_wide_as_the_request(exported_text):
     got = handle.result(0).cross_attentions
     assert [a.shape for a in got[0]] == [a.shape for a in solo[0]]
     np.testing.assert_allclose(got[0][0], solo[0][0], atol=1e-5)
+
+
+def test_int8_text_export_reports_its_token_agreement(tmp_path):
+    """The int8 check drew random images from a text model's manifest (a TypeError ended every
+    int8 text export); it now draws texts, some padded, and on the fp32 graphs agrees fully."""
+    from vedrt.export import export_model
+    from vedrt.export.quantize import token_agreement
+
+    model = text_model("bert", "gpt2")
+    export_model(model, tmp_path / "fp32")
+    exact = token_agreement(model, tmp_path / "fp32", start_token=1)
+    assert exact.sequences_identical == 1.0 and exact.images == 8
+    export_model(model, tmp_path / "int8", quantize="int8")
+    manifest = json.loads((tmp_path / "int8" / "vedrt.json").read_text())
+    agreement = manifest["validation"]["token_agreement"]
+    assert manifest["precision"] == "int8" and agreement["images"] == 8
+    assert 0.0 <= agreement["sequences_identical"] <= agreement["tokens_agreeing"] <= 1.0
+    ids, mask = padded_batch()
+    assert load(tmp_path / "int8").generate(ids, attention_mask=mask, num_beams=3).shape[0] == 3

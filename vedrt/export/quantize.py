@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -200,15 +201,17 @@ class TokenAgreement:
         return {"passed": self.passed, **asdict(self)}
 
 
-def _vedrt_greedy(export_dir: Path, pixel_values: np.ndarray, start: int, steps: int) -> np.ndarray:
+def _vedrt_greedy(export_dir: Path, inputs: Any, start: int, steps: int) -> np.ndarray:
     """Plain argmax decoding (no stopping) through the runtime's own loader and engine."""
     from ..runtime import load
 
     gen = load(export_dir)
     plain = dict(num_beams=1, do_sample=False, min_length=0, no_repeat_ngram_size=0)
     plain |= dict(repetition_penalty=1.0, bad_words_ids=None, forced_bos_token_id=None)
+    text = isinstance(inputs, dict)
     ids = gen.generate(
-        pixel_values,
+        inputs["input_ids"] if text else inputs,
+        attention_mask=inputs["attention_mask"] if text else None,
         max_new_tokens=steps,
         eos_token_id=None,
         forced_eos_token_id=None,
@@ -218,17 +221,45 @@ def _vedrt_greedy(export_dir: Path, pixel_values: np.ndarray, start: int, steps:
     return ids[:, 1:]
 
 
-def _torch_greedy(model, pixel_values: np.ndarray, start: int, steps: int) -> np.ndarray:
+def _torch_greedy(model, inputs: Any, start: int, steps: int) -> np.ndarray:
     """The same plain argmax decoding with transformers' fp32 model (full recompute per step)."""
     import torch
 
     with torch.no_grad():
-        encoded = model.encoder(pixel_values=torch.from_numpy(pixel_values))
-        ids = torch.full((pixel_values.shape[0], 1), start, dtype=torch.long)
+        if isinstance(inputs, dict):  # a text encoder, its padding masked throughout
+            mask = torch.from_numpy(inputs["attention_mask"])
+            encoded = model.encoder(
+                input_ids=torch.from_numpy(inputs["input_ids"]), attention_mask=mask
+            )
+            batch = mask.shape[0]
+        else:
+            mask = None
+            encoded = model.encoder(pixel_values=torch.from_numpy(inputs))
+            batch = inputs.shape[0]
+        ids = torch.full((batch, 1), start, dtype=torch.long)
         for _ in range(steps):
-            logits = model(encoder_outputs=encoded, decoder_input_ids=ids).logits[:, -1]
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=ids)
+            ids = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids[:, 1:].numpy()
+
+
+def _random_inputs(model, export_dir: Path, count: int, seed: int) -> Any:
+    """Random images of the export's size and channels, or random texts of the encoder's
+    vocabulary (the last ones shorter, padded and masked)."""
+    from ..manifest import read_manifest
+
+    manifest = read_manifest(export_dir)
+    rng = np.random.default_rng(seed)
+    if manifest.modality == "text":
+        length = max(2, min(12, int(manifest.encoder.get("max_positions") or 12)))
+        vocab = model.encoder.config.vocab_size
+        ids = rng.integers(min(5, vocab - 1), vocab, (count, length))
+        mask = np.ones_like(ids)
+        mask[count // 2 :, length // 2 :] = 0
+        ids[mask == 0] = model.encoder.config.pad_token_id or 0
+        return {"input_ids": ids, "attention_mask": mask}
+    shape = (count, manifest.num_channels or 3, *manifest.image_size)
+    return rng.standard_normal(shape, dtype=np.float32)
 
 
 def token_agreement(
@@ -239,15 +270,12 @@ def token_agreement(
     new_tokens: int = 16,
     seed: int = 0,
 ) -> TokenAgreement:
-    """Compare greedy tokens of the graphs in `export_dir` with the fp32 model's."""
-    from ..manifest import read_manifest
-
-    image_size = read_manifest(export_dir).image_size
-    rng = np.random.default_rng(seed)
-    pixel_values = rng.standard_normal((images, 3, *image_size), dtype=np.float32)
+    """Compare greedy tokens of the graphs in `export_dir` with the fp32 model's, on `images`
+    random images (or texts, for a text model)."""
+    inputs = _random_inputs(model, export_dir, images, seed)
     max_positions = _max_new(model, new_tokens)
-    ours = _vedrt_greedy(export_dir, pixel_values, start_token, max_positions)
-    ref = _torch_greedy(model, pixel_values, start_token, max_positions)
+    ours = _vedrt_greedy(export_dir, inputs, start_token, max_positions)
+    ref = _torch_greedy(model, inputs, start_token, max_positions)
     same = ours == ref
     first_diff = np.where(same.all(axis=1), same.shape[1], np.argmin(same, axis=1))
     return TokenAgreement(
