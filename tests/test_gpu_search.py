@@ -8,6 +8,7 @@ test_gpu_cuda.py.
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -261,3 +262,13 @@ def test_the_torch_executor_holds_each_weight_once(decoder, tmp_path):
     np.testing.assert_array_equal(
         ours, hf_generate(model, pv, num_beams=3, max_new_tokens=6).sequences.numpy()
     )
+
+
+def test_torch_backend_on_an_int8_export_says_it_runs_the_checkpoint(exported, tmp_path):
+    model, out = exported("vit", "gpt2")
+    copy = tmp_path / "int8"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "vedrt.json").read_text())
+    (copy / "vedrt.json").write_text(json.dumps({**manifest, "precision": "int8"}))
+    with pytest.warns(UserWarning, match="int8 export; backend='torch' runs the checkpoint"):
+        load(copy, backend="torch", device="cpu", checkpoint=model)

@@ -13,6 +13,7 @@ the engine run on the executor's device through `vedrt.gpu.ops.TorchOps`. See do
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Any
 
 from ..errors import InputError
@@ -63,6 +64,12 @@ def torch_backend(
     from .torch_executor import TorchExecutor
 
     model, owned = load_checkpoint(manifest, checkpoint)
+    if manifest.raw.get("precision") not in (None, "fp32"):
+        warnings.warn(
+            f"{manifest.root} is an {manifest.raw['precision']} export; backend='torch' runs the "
+            f"checkpoint's weights in {precision}, not the export's quantized graphs",
+            stacklevel=3,
+        )
     dtype = torch.float16 if precision == "fp16" else torch.float32
     return TorchExecutor(model, device, dtype, cuda_graphs=cuda_graphs, owned=owned)
 
