@@ -100,3 +100,42 @@ def test_a_started_engine_survives_callbacks_that_use_it():
         assert engine.submit(pixels).result(60) is not None  # the engine still answers
     finally:
         engine.stop(drain=True, timeout=60)
+
+
+def test_overflowing_requests_among_many_cost_nobody_else():
+    """Threads submit good requests and ones that overflow inside the model to one started
+    engine that encodes ahead: every good answer equals its solo run, every bad one fails."""
+    import pytest
+
+    from vedrt.runtime import InputError
+
+    gen = load(MODEL, threads=1)
+    pixels = gen.preprocess(IMAGES)
+    huge = np.full_like(pixels[:1], 3e38)
+    solo = {i: gen.generate(pixels[i : i + 1], num_beams=2) for i in range(len(IMAGES))}
+    engine = gen.engine(max_rows=8, encode_ahead=True).start()
+    handles: list = []
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(8):  # bounded
+            i = int(rng.integers(len(IMAGES)))
+            bad = bool(rng.random() < 0.3)
+            request = huge if bad else pixels[i : i + 1]
+            handles.append((i, bad, engine.submit(request, num_beams=2)))
+
+    try:
+        threads = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for i, bad, handle in handles:
+            if bad:
+                with pytest.raises(InputError, match="NaN or infinite"):
+                    handle.result(60)
+            else:
+                np.testing.assert_array_equal(handle.result(60), solo[i])
+    finally:
+        engine.stop(drain=True, timeout=60)
+    assert sum(bad for _, bad, _ in handles) > 0 and len(handles) == 32
