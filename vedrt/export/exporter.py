@@ -28,7 +28,7 @@ from .architectures import (
 from .graphs import DEFAULT_OPSET, MAX_OPSET, export_graphs
 from .optimize import externalize, fuse_graphs, write_lean_decoder
 from .quantize import QUANTIZE_CHOICES, quantize_graphs, token_agreement
-from .schema import build_manifest, optimization_fields
+from .schema import build_manifest, generation_config, optimization_fields, start_token
 from .validate import Validation, ValidationError, eager_attention, validate_export
 
 ENCODER_TOKENIZER = "encoder_tokenizer"  # a text encoder's own tokenizer, when not the decoder's
@@ -289,8 +289,7 @@ def export_model(
         )
         if validate:
             progress("validate")
-            gen = model.generation_config
-            start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else 0
+            start = start_token(generation_config(model), default=0)
             validation = validate_export(model, tmp, start)
             if not validation.passed:
                 raise ValidationError(
@@ -342,8 +341,7 @@ def _quantize(
     quantize_graphs(tmp, quantize)
     if validation is None:
         return None, []
-    gen = model.generation_config
-    start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else 0
+    start = start_token(generation_config(model), default=0)
     with eager_attention(model):  # the reference, as in validation
         agreement = token_agreement(model, tmp, start)
     validation = {**validation, "token_agreement": agreement.to_json()}

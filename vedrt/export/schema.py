@@ -33,7 +33,7 @@ def _encoder_fields(model, family, image_size, enc_len, enc_dim) -> dict[str, An
             "modality": "text",
             "hidden_size": enc_dim,
             "vocab_size": config.vocab_size,
-            "max_positions": _positions_from(config, family.positions),
+            "max_positions": _max_positions(config, family.positions),
             "pad_token_id": config.pad_token_id,
         }
     return {
@@ -71,10 +71,7 @@ def build_manifest(
     dec_config = model.decoder.config
     layers, heads, head_dim = decoder_dims(dec_config)
     gen = generation_config(model)
-    # transformers' `_prepare_special_tokens`: the start token, else BOS (never the model config's)
-    start = (
-        gen.decoder_start_token_id if gen.decoder_start_token_id is not None else gen.bos_token_id
-    )
+    start = start_token(gen)
     graphs = {
         name: {
             "file": spec.file,
@@ -102,7 +99,7 @@ def build_manifest(
             "head_dim": head_dim,
             "hidden_size": decoder_hidden_size(dec_config),
             "vocab_size": dec_config.vocab_size,
-            "max_positions": _max_positions(dec_config, family_dec),
+            "max_positions": _max_positions(dec_config, family_dec.positions),
             "top_k": specs["decoder"].outputs[-1].shape[1],  # best log-probs per row in the graph
         },
         "special_tokens": {
@@ -118,6 +115,15 @@ def build_manifest(
         "source_config": model.config.to_dict(),
         "validation": validation.to_json() if validation is not None else None,
     }
+
+
+def start_token(gen, default: int | None = None) -> int | None:
+    """transformers' `_prepare_special_tokens`: the generation config's start token, else its
+    BOS (never the model config's), else `default`."""
+    for token in (gen.decoder_start_token_id, gen.bos_token_id):
+        if token is not None:
+            return token
+    return default
 
 
 def generation_config(model):
@@ -139,12 +145,8 @@ def generation_config(model):
     return gen
 
 
-def _max_positions(config, family) -> int:
-    """How many tokens the decoder can place: past that its position table runs out."""
-    return _positions_from(config, family.positions)
-
-
-def _positions_from(config, positions: str) -> int:
+def _max_positions(config, positions: str) -> int:
+    """How many tokens the encoder or decoder can place: past that its position table runs out."""
     if positions == "padding":  # RoBERTa: positions start after the padding index
         return config.max_position_embeddings - (config.pad_token_id or 0) - 1
     return getattr(config, "n_positions", None) or config.max_position_embeddings
