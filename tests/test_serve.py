@@ -195,7 +195,7 @@ def test_encoding_ahead_by_default_only_when_both_sessions_fit_the_cores(monkeyp
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    monkeypatch.setattr(cli, "_cores", lambda: 2)
+    monkeypatch.setattr(cli, "machine_cores", lambda: 2)
 
     def ahead(*argv: str) -> bool:
         return cli.options_from(parser.parse_args(list(argv))).encode_ahead

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from typing import Any
 
+from ..runtime.threads import machine_cores
 from .service import DEFAULT_MODEL, ServeOptions
 
 
@@ -81,7 +81,7 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         raise UsageError("--threads must be 0 (ONNX Runtime's choice) or more")
     encode_ahead = args.encode_ahead
     if encode_ahead is None:
-        encode_ahead = args.threads > 0 and 2 * args.threads <= _cores()
+        encode_ahead = args.threads > 0 and 2 * args.threads <= machine_cores()
     return ServeOptions(
         model=args.model,
         name=args.name,
@@ -92,14 +92,6 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         threads=args.threads,
         encode_ahead=encode_ahead,
     )
-
-
-def _cores() -> int:
-    """The cores this process may run on (a container's share, where the OS says)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def run(args: argparse.Namespace) -> int:
