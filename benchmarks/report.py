@@ -80,10 +80,11 @@ def machine_line(m: dict[str, Any]) -> str:
     )
 
 
-def load_line(start: float, end: float, cores: int | None) -> str:
+def load_line(start: float, end: float, cores: int | None, first: bool = False) -> str:
+    """How busy the machine was, for every benchmark's Markdown (`first`: opens a sentence)."""
     return (
-        f"load average (1 min) {start:.1f} at the start, {end:.1f} at the end, on {cores} cores "
-        "(above 0: other work shared the CPU)"
+        f"{'L' if first else 'l'}oad average (1 min) {start:.1f} at the start, {end:.1f} at the "
+        f"end, on {cores} cores (above 0: other work shared the CPU)"
     )
 
 
@@ -233,10 +234,7 @@ def _load_line(report: dict) -> str:
     load = report.get("load_average")
     if not load:
         return ""
-    return (
-        f"Load average (1 min) at the start {load['start']:.1f}, at the end {load['end']:.1f}, on "
-        f"{report['machine']['cores']} cores: above 0 means other work shared the CPU during the run."
-    )
+    return load_line(load["start"], load["end"], report["machine"]["cores"], first=True) + "."
 
 
 def _others(read: dict) -> str:

@@ -301,8 +301,7 @@ def _machine_lines(report: dict[str, Any]) -> list[str]:
         return []
     lines = ["", f"Machine: {machine_line(m)}."]
     if load:
-        line = load_line(load["start"], load["end"], m["cores"])
-        lines[-1] += f" {line[0].upper()}{line[1:]}."
+        lines[-1] += f" {load_line(load['start'], load['end'], m['cores'], first=True)}."
     return lines
 
 

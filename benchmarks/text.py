@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['model']}; {machine_line(result['machine'])}; {args.threads} threads; beam "
         f"{args.beams}, {n} new tokens (forced); median of {args.reps} interleaved runs after a "
         f"warm-up, each backend first in turn, each call {SETTLE_S:g} s after the one before; "
-        f"{load_line(load_before, result['load_average_after'], os.cpu_count())}.\n\n"
+        f"{load_line(load_before, result['load_average_after'], result['machine']['cores'])}.\n\n"
         "| backend | tokens | median | vs transformers |\n|---|---|---|---|\n"
         f"| transformers fp32 | reference | {med['transformers'] * 1e3:.0f} ms | 1.00x |\n"
         f"| vedrt fp32 | {'identical' if identical else 'DIFFERENT'} | "
