@@ -18,7 +18,6 @@ this engine with one request, so the parity tests against transformers test it.
 
 from __future__ import annotations
 
-import numbers
 import threading
 import time
 from collections import deque
@@ -31,7 +30,7 @@ from .cohort import can_join as _can_join
 from .encoding import encode_admitted
 from .errors import InputError
 from .handle import EngineStopped, Handle, input_batch, owned, run_callbacks
-from .options import GenerationOptions
+from .options import GenerationOptions, is_int
 from .rows import Rows
 from .search import new_search, rows_needed
 
@@ -56,7 +55,7 @@ class Engine:
         options share one search: fewer searches per step, at the cost of up to that wait.
         encode_ahead: with `start()`, encode waiting requests on a second thread while the
         decoder steps (`ahead.py`), instead of inside the step that admits them."""
-        if isinstance(max_rows, bool) or not isinstance(max_rows, numbers.Integral) or max_rows < 1:
+        if not is_int(max_rows) or max_rows < 1:
             raise InputError(f"max_rows must be a positive integer, got {max_rows!r}")
         max_rows = int(max_rows)
         self.admit_every = float(admit_every)
