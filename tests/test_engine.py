@@ -472,3 +472,31 @@ def test_beam_steps_that_skip_ranking_unmasked_candidates_change_nothing(eos):
     ours, theirs = fast.result(), ranked.result()
     np.testing.assert_array_equal(ours.sequences, theirs.sequences)
     np.testing.assert_array_equal(ours.sequences_scores, theirs.sequences_scores)
+
+
+@pytest.mark.runtime
+def test_graph_seconds_leave_out_the_hosts_writes_around_the_graph(monkeypatch):
+    """`stats["decode_seconds"]` is what benchmarks call the graph's share of a step: on ONNX
+    Runtime it must count the session's run alone, not the new K/V the host writes into the
+    pool after it (search-side work; it was counted as graph time before 2026-12-06)."""
+    import time
+
+    from vedrt.runtime.pool import KVPool
+
+    write = KVPool.write_new
+
+    def slow_write(self, new_kv, rows):
+        time.sleep(0.01)
+        write(self, new_kv, rows)
+
+    monkeypatch.setattr(KVPool, "write_new", slow_write)
+    generator = load(SCENES)
+    images = generator.preprocess(sorted(EXAMPLES.glob("*.png"))[:1])
+    engine = generator.engine(max_rows=8)
+    handle = engine.submit(images, num_beams=2, max_new_tokens=3)
+    while not engine.idle():
+        engine.step()
+    assert handle.done()
+    steps = engine.stats["steps"]
+    assert engine.stats["decode_seconds"] < 0.01 * steps  # the sleeps are host time
+    assert engine.stats["step_seconds"] >= 0.01 * steps

@@ -10,6 +10,7 @@ binding (the pool is read in place); `vedrt.gpu` and `vedrt.tensorrt` provide to
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -79,6 +80,11 @@ class Executor(Protocol):
         `groups` equal groups reading the K/V `pool.group_inputs(groups)` gives for the layout
         `pool.set_groups` made), new K/V written in place."""
 
+    # An executor that runs its graph synchronously on the host may also count, in a float
+    # attribute `graph_seconds`, the time spent inside the graph runtime alone: then the engine's
+    # `decode_seconds` leaves out the host work `decode` does around it (binding lookup, the new
+    # K/V written into the pool), which is search-side cost, not graph cost.
+
 
 class OrtExecutor:
     """Runs encoder.onnx, cross_kv.onnx and decoder.onnx with ONNX Runtime on numpy buffers."""
@@ -94,6 +100,7 @@ class OrtExecutor:
         lean = manifest.decoder_without_attentions
         if lean is not None:  # the step without attention outputs; see `_attention_session`
             files["decoder"] = lean
+        self.graph_seconds = 0.0  # inside `run_with_iobinding` alone: see `Executor`
         self.sessions = {
             name: _session(path, device, threads, arena=name == "decoder")
             for name, path in files.items()
@@ -251,7 +258,9 @@ class OrtExecutor:
         key = (pool.version, rows, groups, pool.in_place, want_attentions)
         bound = pool.bindings.get(key)
         io, outputs = bound if bound is not None else self._bind(pool, rows, groups, session, key)
+        began = time.perf_counter()
         session.run_with_iobinding(io)
+        self.graph_seconds += time.perf_counter() - began
         pool.write_new(outputs["new_kv"], rows)
         attn = [outputs[f"cross_attn.{i}"] for i in range(self.layers)] if want_attentions else None
         return StepOutput(outputs["logits"], attn, outputs["top_logprobs"], outputs["top_ids"])
