@@ -500,3 +500,47 @@ def test_graph_seconds_leave_out_the_hosts_writes_around_the_graph(monkeypatch):
     steps = engine.stats["steps"]
     assert engine.stats["decode_seconds"] < 0.01 * steps  # the sleeps are host time
     assert engine.stats["step_seconds"] >= 0.01 * steps
+
+
+@pytest.mark.runtime
+def test_handles_are_futures_for_wait_as_completed_and_asyncio():
+    """A handle is a `concurrent.futures.Future`: `wait` and `as_completed` take a list of
+    them, `asyncio.wrap_future` awaits one, and cancelling the awaiting task cancels the
+    request (it leaves the engine's rows at the next step)."""
+    import asyncio
+    import concurrent.futures as cf
+
+    generator = load(SCENES)
+    images = generator.preprocess(sorted(EXAMPLES.glob("*.png"))[:3])
+    solo = [generator.generate(images[i : i + 1], num_beams=2) for i in range(3)]
+    engine = generator.engine(max_rows=8).start()
+    try:
+        handles = [engine.submit(images[i : i + 1], num_beams=2) for i in range(3)]
+        assert all(isinstance(h, cf.Future) for h in handles)
+        done, not_done = cf.wait(handles, timeout=60)
+        assert len(done) == 3 and not not_done
+        assert {id(h) for h in cf.as_completed(handles, timeout=60)} == {id(h) for h in handles}
+        for handle, expected in zip(handles, solo, strict=True):
+            np.testing.assert_array_equal(handle.result(), expected)
+
+        async def main():
+            awaited = await asyncio.gather(
+                *(
+                    asyncio.wrap_future(engine.submit(images[i : i + 1], num_beams=2))
+                    for i in range(3)
+                )
+            )
+            long = engine.submit(images[:1], num_beams=4, max_new_tokens=30, eos_token_id=None)
+            task = asyncio.ensure_future(asyncio.wrap_future(long))
+            await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return awaited, long
+
+        awaited, long = asyncio.run(main())
+        for got, expected in zip(awaited, solo, strict=True):
+            np.testing.assert_array_equal(got, expected)
+        assert isinstance(long.exception(timeout=30), EngineStopped) and long.cancelled()
+    finally:
+        engine.stop(drain=False)

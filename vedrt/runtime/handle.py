@@ -1,4 +1,4 @@
-"""A submitted request, `concurrent.futures.Future`-style (see `engine.py`)."""
+"""A submitted request: a `concurrent.futures.Future` (see `engine.py`)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 log = logging.getLogger("vedrt")
@@ -37,15 +39,22 @@ class EngineStopped(RuntimeError):
     """The request did not run to the end: cancelled, or the engine stopped without draining."""
 
 
-class Handle:
-    """One request: `.done()`, `.running()`, `.cancelled()`, `.result(timeout)`,
-    `.exception(timeout)`, `.cancel()`, `.add_done_callback(fn)`.
+class Handle(Future):
+    """One request, a `concurrent.futures.Future`: `concurrent.futures.wait`, `as_completed`
+    and `asyncio.wrap_future` take it as they take any future.
+
+    Where it differs from a plain future, it says so: `cancel()` also stops a running request
+    (at the engine's next step), and a cancelled request ends with an `EngineStopped` error
+    (`cancelled()` is then true); `running()` means admitted to the engine's rows. Done
+    callbacks run on the thread that finishes the request, after the engine lets go of its
+    locks, so one may use the engine.
 
     `submitted_at`, `started_at` and `finished_at` are `time.monotonic()` stamps (queue time and latency
     for metrics); `started_at` is None until the request is admitted to the engine's rows.
     """
 
     def __init__(self, inputs: Any, options: Any, rows: int):
+        super().__init__()
         self.inputs = inputs  # pixel values [n, C, H, W], or {"input_ids", "attention_mask"}
         self.options = options  # the resolved GenerationOptions
         self.rows = rows
@@ -57,18 +66,17 @@ class Handle:
         # set by the engine while the request waits: takes it out of the queue (True if it was)
         self.unqueue: Callable[[Handle], bool] | None = None
         self.encoded: Any = None  # (Encoded, first index) once encoded ahead of admission
-        self._event = threading.Event()
         self._lock = threading.Lock()
+        # ours, not the base class's list: the engine runs them once it holds no lock
         self._callbacks: list[Callable[[Handle], Any]] = []
-        self._result: Any = None
-        self._error: BaseException | None = None
+        self._settled = False  # `done()` without the base class's lock (the engine asks often)
 
     @property
     def pixel_values(self) -> Any:
         return self.inputs
 
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._settled
 
     def running(self) -> bool:
         """Admitted to the engine's rows and not finished."""
@@ -76,20 +84,20 @@ class Handle:
 
     def cancelled(self) -> bool:
         """Finished because `cancel()` asked for it."""
-        return self.done() and self.cancel_requested and isinstance(self._error, EngineStopped)
+        return self.done() and self.cancel_requested and isinstance(self._exception, EngineStopped)
 
     def result(self, timeout: float | None = None) -> Any:
         """What `generate()` returns for this request; raises its error, if it failed."""
-        if not self._event.wait(timeout):
-            raise TimeoutError("the request did not finish in time")
-        if self._error is not None:
-            raise self._error
-        return self._result
+        try:
+            return super().result(timeout)
+        except FutureTimeout:
+            raise TimeoutError("the request did not finish in time") from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self._event.wait(timeout):
-            raise TimeoutError("the request did not finish in time")
-        return self._error
+        try:
+            return super().exception(timeout)
+        except FutureTimeout:
+            raise TimeoutError("the request did not finish in time") from None
 
     def cancel(self) -> bool:
         """Drop the request: one still waiting finishes at once (`EngineStopped`); a running
@@ -107,7 +115,7 @@ class Handle:
         thread that finishes it, with no engine lock held: keep it short (an event loop's
         `call_soon_threadsafe`). A callback's exception is logged, never raised."""
         with self._lock:
-            if not self._event.is_set():
+            if not self.done():
                 self._callbacks.append(fn)
                 return
         _call(fn, self)
@@ -121,13 +129,18 @@ class Handle:
         """Settle the request. Its callbacks run now, or, with `later`, are appended there as
         (fn, handle) for the engine to run once it holds no lock (a callback may use it)."""
         with self._lock:
-            if self._event.is_set():
+            if self.done():
                 return
-            self._result, self._error = result, error
             self.finished_at = time.monotonic()
             self.inputs = None  # the request's inputs are not needed any more
             self.unqueue = None
-            self._event.set()
+            self._settled = True
+            # wakes `result()` and `concurrent.futures.wait`; the base class's own callback
+            # list is empty (see `add_done_callback`), so no user code runs here
+            if error is not None:
+                self.set_exception(error)
+            else:
+                self.set_result(result)
             callbacks, self._callbacks = self._callbacks, []
         if later is not None:
             later.extend((fn, self) for fn in callbacks)
