@@ -544,3 +544,78 @@ def test_handles_are_futures_for_wait_as_completed_and_asyncio():
         assert isinstance(long.exception(timeout=30), EngineStopped) and long.cancelled()
     finally:
         engine.stop(drain=False)
+
+
+@pytest.mark.runtime
+def test_cancel_that_returns_true_always_ends_cancelled(monkeypatch):
+    """`cancel()` during the request's last step (after the engine's check for cancelled
+    requests): True means the request ends cancelled, as for any future, not with its result."""
+    generator = load(SCENES)
+    images = generator.preprocess(sorted(EXAMPLES.glob("*.png"))[:1])
+    engine = generator.engine(max_rows=4)
+    handle = engine.submit(images, max_new_tokens=1)  # done in its first step
+    decode = engine.executor.decode
+    answers = []
+
+    def decode_and_cancel(*args, **kwargs):
+        answers.append(handle.cancel())
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.executor, "decode", decode_and_cancel)
+    engine.step()
+    assert answers == [True] and handle.done() and handle.cancelled()
+    assert isinstance(handle.exception(0), EngineStopped)
+    assert engine.idle() and engine.active_rows == 0
+
+
+@pytest.mark.runtime
+def test_done_is_never_ahead_of_result():
+    """A poller that sees `done()` gets the answer from `result(0)` at once (`done()` reads the
+    future's own state, not a flag set before it)."""
+    import sys
+
+    from vedrt.runtime.handle import Handle
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for i in range(300):
+            handle = Handle(np.zeros((1, 3, 2, 2), np.float32), None, 1)
+            thread = threading.Thread(target=handle._finish, args=(i,))
+            thread.start()
+            while not handle.done():
+                pass
+            assert handle.result(0) == i
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+
+
+@pytest.mark.runtime
+def test_a_dead_background_loop_fails_its_requests_instead_of_hanging():
+    """A done callback raising SystemExit (not caught, as concurrent.futures does not) ends
+    the loop: every request it held fails with EngineStopped, the engine refuses new ones and
+    says why in `failure`; and `stop()` from a callback on the engine's thread just stops it."""
+    generator = load(SCENES)
+    images = generator.preprocess(sorted(EXAMPLES.glob("*.png"))[:2])
+    engine = generator.engine(max_rows=8)
+    first = engine.submit(images[:1], max_new_tokens=1)
+    other = engine.submit(images[1:2], num_beams=4, max_new_tokens=30, eos_token_id=None)
+
+    def exit_now(_handle):
+        raise SystemExit(3)
+
+    first.add_done_callback(exit_now)
+    engine.start()
+    error = other.exception(timeout=60)
+    assert isinstance(error, EngineStopped) and "engine failed" in str(error)
+    assert isinstance(engine.failure, SystemExit) and engine.active_rows == 0
+    with pytest.raises(EngineStopped):
+        engine.submit(images[:1])
+
+    engine = generator.engine(max_rows=8)
+    head = engine.submit(images[:1], max_new_tokens=1)
+    head.add_done_callback(lambda _h: engine.stop(drain=False))
+    tail = engine.submit(images[1:2], num_beams=4, max_new_tokens=30, eos_token_id=None)
+    engine.start()
+    assert isinstance(tail.exception(timeout=60), EngineStopped) and engine.failure is None

@@ -90,6 +90,27 @@ def test_timeout_is_504_and_frees_the_request(reference):
         assert live.service.in_flight == 0
 
 
+def test_a_failed_engine_is_not_ready_and_answers_503(reference):
+    """If the engine's loop dies (a bug), the requests it held fail, readiness turns false so a
+    load balancer stops sending, and new requests are 503s naming why, not hangs or 500s."""
+    with serve() as live:
+        assert caption(live.url).status_code == 200
+        engine = live.service.engine
+
+        def broken_step():
+            raise RuntimeError("a bug in the step")
+
+        engine.step = broken_step  # the loop calls it on the next request
+        failed = caption(live.url)
+        assert failed.status_code in (500, 503)
+        wait_until(lambda: engine.failure is not None)
+        assert requests.get(f"{live.url}/v2/health/ready", timeout=10).status_code == 503
+        refused = caption(live.url)
+        assert refused.status_code == 503
+        assert "engine is not running" in refused.json()["error"]
+        assert "a bug in the step" in refused.json()["error"]
+
+
 def test_client_disconnect_cancels_the_request(reference):
     with serve(start_engine=False) as live:
         head = (

@@ -24,6 +24,7 @@ from collections import deque
 from typing import Any
 
 from .ahead import EncodeAhead
+from .background import BackgroundLoop
 from .cohort import NONFINITE
 from .cohort import Active as _Active
 from .cohort import can_join as _can_join
@@ -37,7 +38,7 @@ from .search import new_search, rows_needed
 __all__ = ["Engine", "EngineStopped", "Handle"]
 
 
-class Engine:
+class Engine(BackgroundLoop):
     """A pool of `max_rows` decoder rows that requests join and leave at step boundaries."""
 
     poll_seconds = 0.5  # idle threads wake this often without a notice (a safety net only)
@@ -74,6 +75,7 @@ class Engine:
         self._due: list | None = None  # callbacks of requests finished in this step (`_finish`)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.failure: BaseException | None = None  # what ended the background loop, if not stop()
         self._drain = True
         self._closed = False
         # counters for metrics and benchmarks: seconds in whole steps and in the decoder graph
@@ -113,7 +115,8 @@ class Engine:
         handle.unqueue = self._unqueue
         with self._wake:
             if self._closed:
-                raise EngineStopped("the engine is stopped and accepts no new requests")
+                why = "" if self.failure is None else f" (its loop failed: {self.failure!r})"
+                raise EngineStopped(f"the engine is stopped and accepts no new requests{why}")
             self._waiting.append(handle)
             self._wake.notify_all()  # the loop and the encoder thread both wait on it
         return handle
@@ -344,59 +347,3 @@ class Engine:
             self._rows.reorder(a, advance.source_rows, advance.shared)
         pool.input_ids[start:end, 0] = advance.tokens
         return answered, False
-
-    # -- background loop ------------------------------------------------------------------
-    def start(self) -> Engine:
-        """Run `step()` on a background thread until `stop()`; returns the engine."""
-        with self._lock:
-            if self._closed:
-                raise EngineStopped("the engine was stopped: make a new one with gen.engine()")
-            if self.encode_ahead and self._ahead is None:
-                self._ahead = EncodeAhead(self, limit=self.max_rows)
-            if self._thread is None:
-                self._stopping = False
-                self._thread = threading.Thread(target=self._loop, name="vedrt-engine", daemon=True)
-                self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._head_ready() and not self._active and not self._stopping:
-                    self._wake.wait(self.poll_seconds)
-                if self._stopping and (not self._drain or (not self._waiting and not self._active)):
-                    break
-            self.step()
-        self._abandon()
-
-    def _abandon(self) -> None:
-        if self._ahead is not None:
-            self._ahead.stop()
-            self._ahead = None
-        with self._lock:
-            left = list(self._waiting)
-            self._waiting.clear()
-        with self._step_lock:
-            left += [h for a in self._active for h, _ in a.open_members()]
-            self._rows.release([*self._active])
-        for handle in left:
-            handle._finish(error=EngineStopped("the engine stopped before this request finished"))
-
-    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop accepting requests; with `drain`, finish every accepted one first, else fail
-        them with `EngineStopped`."""
-        with self._wake:
-            self._closed = True
-            self._stopping = True
-            self._drain = drain
-            self._wake.notify_all()
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-            if not thread.is_alive():
-                self._thread = None
-        elif drain:
-            while not self.idle():
-                self.step()
-        else:
-            self._abandon()

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import Any
 
 log = logging.getLogger("vedrt")
@@ -39,13 +40,17 @@ class EngineStopped(RuntimeError):
     """The request did not run to the end: cancelled, or the engine stopped without draining."""
 
 
+_DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+
+
 class Handle(Future):
     """One request, a `concurrent.futures.Future`: `concurrent.futures.wait`, `as_completed`
     and `asyncio.wrap_future` take it as they take any future.
 
     Where it differs from a plain future, it says so: `cancel()` also stops a running request
     (at the engine's next step), and a cancelled request ends with an `EngineStopped` error
-    (`cancelled()` is then true); `running()` means admitted to the engine's rows. Done
+    (`cancelled()` is then true; awaited through `asyncio.wrap_future`, it raises asyncio's
+    `CancelledError`, as any cancelled future does); `running()` means admitted to the engine's rows. Done
     callbacks run on the thread that finishes the request, after the engine lets go of its
     locks, so one may use the engine.
 
@@ -69,14 +74,14 @@ class Handle(Future):
         self._lock = threading.Lock()
         # ours, not the base class's list: the engine runs them once it holds no lock
         self._callbacks: list[Callable[[Handle], Any]] = []
-        self._settled = False  # `done()` without the base class's lock (the engine asks often)
 
     @property
     def pixel_values(self) -> Any:
         return self.inputs
 
     def done(self) -> bool:
-        return self._settled
+        # the base class's state read without its lock: the engine asks ~30 times a step
+        return self._state in _DONE
 
     def running(self) -> bool:
         """Admitted to the engine's rows and not finished."""
@@ -102,10 +107,11 @@ class Handle(Future):
     def cancel(self) -> bool:
         """Drop the request: one still waiting finishes at once (`EngineStopped`); a running
         one at the engine's next step, which frees its rows. False if it had finished."""
-        if self.done():
-            return False
-        self.cancel_requested = True
-        unqueue = self.unqueue
+        with self._lock:  # against `_finish`: True here means the request ends cancelled
+            if self.done():
+                return False
+            self.cancel_requested = True
+            unqueue = self.unqueue
         if unqueue is not None and unqueue(self):
             self._finish(error=EngineStopped("the request was cancelled"))
         return True
@@ -134,7 +140,8 @@ class Handle(Future):
             self.finished_at = time.monotonic()
             self.inputs = None  # the request's inputs are not needed any more
             self.unqueue = None
-            self._settled = True
+            if error is None and self.cancel_requested:  # cancelled as its last step ran
+                result, error = None, EngineStopped("the request was cancelled")
             # wakes `result()` and `concurrent.futures.wait`; the base class's own callback
             # list is empty (see `add_done_callback`), so no user code runs here
             if error is not None:

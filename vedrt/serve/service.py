@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.errors import InputError
+from ..runtime.handle import EngineStopped
 from ..runtime.ops import NUMPY
 from ..runtime.search import rows_needed
 from . import images, protocol
@@ -113,7 +114,7 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return self.started and not self.draining
+        return self.started and not self.draining and self.engine.failure is None
 
     @property
     def queue_depth(self) -> int:
@@ -209,19 +210,25 @@ class Service:
         self.admit()
         self.in_flight += 1
         try:
-            handle = await self._submit(prepare, options, inline)
+            handle = await self._submit(prepare, options, inline, (arrival, deadline))
             (self.metrics.images if self.modality == "image" else self.metrics.texts).inc(count)
             return await self._await(handle, deadline, arrival, disconnected)
         finally:
             self.in_flight -= 1
 
-    async def _submit(self, prepare: Callable[[], Any], options: Any, inline: bool = False) -> Any:
+    async def _submit(
+        self, prepare: Callable[[], Any], options: Any, inline: bool, window: tuple[float, float]
+    ) -> Any:
         """Decode (`prepare`) on the decoding thread, or `inline` on the event loop for inputs
-        small enough that the hop to that thread and back costs more than the work."""
+        small enough that the hop to that thread and back costs more than the work. A request
+        whose deadline (`window`: arrival, deadline) passed while it was decoded is not
+        submitted: it would be answered late (or not at all, if the engine beat the timer)."""
         loop = asyncio.get_running_loop()
         self.preparing += 1
         try:
             inputs = prepare() if inline else await loop.run_in_executor(self.pool, prepare)
+            if time.monotonic() >= window[1]:
+                raise _late(*window)
             try:
                 if isinstance(inputs, dict):  # a text batch: one request, padded and masked
                     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -231,6 +238,8 @@ class Service:
                 return self.engine.submit_resolved(checked, options)
             except InputError as exc:
                 raise bad_request(str(exc)) from None
+            except EngineStopped as exc:  # its loop failed (logged), or it is shutting down
+                raise ServeError(503, f"the engine is not running: {exc}") from None
         finally:
             self.preparing -= 1
 
@@ -301,9 +310,7 @@ class Service:
                     "the client disconnected; the request was cancelled",
                     outcome="disconnected",
                 )
-            raise ServeError(
-                504, f"the request took longer than {deadline - arrival:g} s; cancelled"
-            )
+            raise _late(arrival, deadline)
         if handle.started_at is not None:
             self.metrics.queue_time.observe(max(0.0, handle.started_at - arrival))
         error = handle.exception(0)
@@ -343,3 +350,7 @@ def _loads_tokenizer(generator: Any) -> bool:
     except InputError:
         return False
     return True
+
+
+def _late(arrival: float, deadline: float) -> ServeError:
+    return ServeError(504, f"the request took longer than {deadline - arrival:g} s; cancelled")
