@@ -130,6 +130,48 @@ def test_client_disconnect_cancels_the_request(reference):
         assert ok.json()["captions"] == reference.caption(IMAGES[0])
 
 
+def test_a_client_gone_mid_body_is_a_disconnect_not_an_error(reference):
+    """Headers and part of the body, then the client hangs up: counted as `disconnected`
+    (an ordinary abort), not in the `error` outcome that alerts watch."""
+    with serve() as live:
+        head = (
+            f"POST /v1/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(PNG)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", live.port), timeout=10) as client:
+            client.sendall(head + PNG[:100])
+        name = 'vedrt_requests_total{endpoint="caption",outcome="disconnected"}'
+        wait_until(lambda: metric(live.url, name) == 1)
+        assert metric(live.url, 'vedrt_requests_total{endpoint="caption",outcome="error"}') == 0
+        assert caption(live.url).json()["captions"] == reference.caption(IMAGES[0])
+
+
+def test_compressed_bodies_are_inflated_off_the_event_loop(reference, monkeypatch):
+    """Inflating a gzip body up to --max-body-mb takes ~100 ms for a 40 KB bomb: on the event
+    loop every other request would wait for it. It runs on a worker thread."""
+    import threading
+
+    from vedrt.serve import app as app_module
+
+    threads = []
+    decoded = app_module._decoded
+
+    def spy(*args):
+        threads.append(threading.current_thread().name)
+        return decoded(*args)
+
+    monkeypatch.setattr(app_module, "_decoded", spy)
+    with serve() as live:
+        answer = requests.post(
+            f"{live.url}/v1/caption",
+            data=zlib.compress(PNG),
+            headers={"Content-Type": "image/png", "Content-Encoding": "deflate"},
+            timeout=60,
+        )
+        assert answer.json()["captions"] == reference.caption(IMAGES[0])
+        assert threads and "vedrt-serve" not in threads and "MainThread" not in threads
+
+
 def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     """A few hundred bytes claiming 10 gigapixels."""
 
