@@ -13,6 +13,7 @@ worth of requests (the engine's `max_rows`: one pool's worth) are encoded ahead 
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -34,8 +35,8 @@ class EncodeAhead:
         self.round_images = min(limit, 8)
         self.encoded_rows = 0  # rows of the requests encoded, not yet admitted (under the lock)
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="vedrt-encoder", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._loop, name="vedrt-encoder", daemon=True)
+        self.thread.start()
 
     def _pending(self) -> list[Handle]:
         """Waiting requests to encode now, first in first out, within the budget. While the
@@ -59,6 +60,13 @@ class EncodeAhead:
         return chosen
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # a bug, or a callback's SystemExit: the engine fails all
+            logging.getLogger("vedrt").exception("the engine's encoder thread failed")
+            self.engine.fail(exc)
+
+    def _run(self) -> None:
         wake = self.engine._wake
         while True:
             with wake:
@@ -100,5 +108,5 @@ class EncodeAhead:
         with self.engine._wake:
             self._stopping = True
             self.engine._wake.notify_all()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=30)
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout=30)

@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from .ahead import EncodeAhead
-from .handle import EngineStopped
+from .handle import EngineStopped, run_callbacks
 
 
 class BackgroundLoop:
@@ -39,21 +39,24 @@ class BackgroundLoop:
         try:
             while True:
                 with self._wake:
-                    while not self._head_ready() and not self._active and not self._stopping:
-                        self._wake.wait(self.poll_seconds)
-                    if self._stopping and (
-                        not self._drain or (not self._waiting and not self._active)
-                    ):
+                    while not self._head_ready() and not self._active and not self._over():
+                        self._wake.wait(self.poll_seconds)  # draining too: the encoder wakes it
+                    if self._over():
                         break
                 self.step()
         except BaseException as exc:  # a bug, or a callback's SystemExit: fail all, hang none
             logging.getLogger("vedrt").exception("the engine's loop failed")
-            self.failure = exc
-            with self._lock:
-                self._closed = True
-            self._abandon(f"the engine failed ({type(exc).__name__}: {exc})")
-            return
-        self._abandon()
+            self.fail(exc)
+        try:
+            self._abandon()
+        except BaseException:  # from a done callback; every request is settled by then
+            logging.getLogger("vedrt").exception("a done callback raised as the engine stopped")
+
+    def _over(self) -> bool:
+        """Stopping, and nothing left that it should finish first (under the lock)."""
+        return self._stopping and (
+            not self._drain or (not self._waiting and not self._active) or self.failure is not None
+        )
 
     def _abandon(self, why: str = "the engine stopped before this request finished") -> None:
         if self._ahead is not None:
@@ -68,8 +71,20 @@ class BackgroundLoop:
                 self._rows.release([*self._active])
             except Exception:  # after a failed step the rows may not add up: answer anyway
                 logging.getLogger("vedrt").exception("releasing the engine's rows failed")
-        for handle in left:
-            handle._finish(error=EngineStopped(why))
+        if self.failure is not None:
+            why = f"the engine failed ({type(self.failure).__name__}: {self.failure})"
+        due: list = []
+        for handle in left:  # every one settled before any callback runs (one may raise)
+            handle._finish(error=EngineStopped(why), later=due)
+        run_callbacks(due)
+
+    def fail(self, exc: BaseException) -> None:
+        """A thread of the engine died of `exc`: closed, and the loop fails what it holds."""
+        with self._wake:
+            if self.failure is None:
+                self.failure = exc
+            self._closed = self._stopping = True
+            self._wake.notify_all()
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop accepting requests; with `drain`, finish every accepted one first, else fail
@@ -80,8 +95,8 @@ class BackgroundLoop:
             self._drain = drain
             self._wake.notify_all()
         thread = self._thread
-        if thread is threading.current_thread():  # from a done callback: the loop ends itself
-            return
+        if threading.current_thread() in (thread, getattr(self._ahead, "thread", None)):
+            return  # from a done callback on the engine's own threads: the loop ends itself
         if thread is not None:
             thread.join(timeout)
             if not thread.is_alive():

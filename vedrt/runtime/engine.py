@@ -278,15 +278,21 @@ class Engine(BackgroundLoop):
             for h in taken:
                 self._finish(h, error=exc)
             return
-        for handles, members, batch, slots in plans:
-            search = new_search(self.ops, handles[0].options, batch)
-            joined = next((a for a in self._active if _can_join(a, handles[0].options)), None)
-            cohort = self._rows.place(members, search, slots, joined)
-            if joined is None and isinstance(handles[0].inputs, dict):  # texts: attentions
-                cohort.enc_width = max(h.inputs["input_ids"].shape[1] for h in handles)
-            for handle in handles:
-                handle.admitted()
-                handle.encoded = None  # the slots hold its K/V now
+        try:
+            for handles, members, batch, slots in plans:
+                search = new_search(self.ops, handles[0].options, batch)
+                joined = next((a for a in self._active if _can_join(a, handles[0].options)), None)
+                cohort = self._rows.place(members, search, slots, joined)
+                if joined is None and isinstance(handles[0].inputs, dict):  # texts: attentions
+                    cohort.enc_width = max(h.inputs["input_ids"].shape[1] for h in handles)
+                for handle in handles:
+                    handle.admitted()
+                    handle.encoded = None  # the slots hold its K/V now
+        except BaseException as exc:  # a bug: those not placed are in no queue and no cohort
+            for handle in taken:
+                if handle.started_at is None:
+                    self._finish(handle, error=EngineStopped(f"admission failed: {exc!r}"))
+            raise
 
     def _decode(self) -> Any:
         groups = self._rows.layout_groups()

@@ -140,7 +140,8 @@ class Handle(Future):
             self.finished_at = time.monotonic()
             self.inputs = None  # the request's inputs are not needed any more
             self.unqueue = None
-            if error is None and self.cancel_requested:  # cancelled as its last step ran
+            if self.cancel_requested and not isinstance(error, EngineStopped):
+                # cancel() said True: whatever its last step gave, the request ends cancelled
                 result, error = None, EngineStopped("the request was cancelled")
             # wakes `result()` and `concurrent.futures.wait`; the base class's own callback
             # list is empty (see `add_done_callback`), so no user code runs here
@@ -166,6 +167,13 @@ def _call(fn: Callable[[Handle], Any], handle: Handle) -> None:
 
 
 def run_callbacks(due: list) -> None:
-    """Run the (fn, handle) pairs `Handle._finish(later=...)` collected."""
+    """Run the (fn, handle) pairs `Handle._finish(later=...)` collected: every one of them,
+    even after one raises what `_call` lets through (`SystemExit`), which is raised after."""
+    first: BaseException | None = None
     for fn, handle in due:
-        _call(fn, handle)
+        try:
+            _call(fn, handle)
+        except BaseException as exc:
+            first = first or exc
+    if first is not None:
+        raise first
