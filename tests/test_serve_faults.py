@@ -151,16 +151,16 @@ def test_compressed_bodies_are_inflated_off_the_event_loop(reference, monkeypatc
     loop every other request would wait for it. It runs on a worker thread."""
     import threading
 
-    from vedrt.serve import app as app_module
+    from vedrt.serve import bodies
 
     threads = []
-    decoded = app_module._decoded
+    decoded = bodies.decoded
 
     def spy(*args):
         threads.append(threading.current_thread().name)
         return decoded(*args)
 
-    monkeypatch.setattr(app_module, "_decoded", spy)
+    monkeypatch.setattr(bodies, "decoded", spy)
     with serve() as live:
         answer = requests.post(
             f"{live.url}/v1/caption",

@@ -188,6 +188,26 @@ def test_bad_text_requests_are_400(server, reference):
     assert "unknown option" in error_of(
         requests.post(generate, params={"beams": 2}, json={"texts": ["w5"]}, timeout=60)
     )
+    # a lone surrogate is valid JSON but no text (it was a 500 from the tokenizer)
+    lone = '{"texts": ["w5", "w6 \\ud800"]}'
+    answer = requests.post(
+        generate, data=lone, headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert answer.status_code == 400 and "text 1: not valid Unicode" in error_of(answer)
+    from vedrt.errors import InputError
+
+    with pytest.raises(InputError, match="lone surrogate"):
+        reference.generate_text(["w5 \ud800"])
+    # invalid UTF-8 in a multipart text field (Starlette would have read it as Latin-1)
+    field = b'--XX\r\nContent-Disposition: form-data; name="text"\r\n\r\nw5 \xff\r\n--XX--\r\n'
+    kind = {"Content-Type": "multipart/form-data; boundary=XX"}
+    answer = requests.post(generate, data=field, headers=kind, timeout=60)
+    assert answer.status_code == 400 and "not valid utf-8" in error_of(answer)
+    valid = "w5 é".encode()  # valid UTF-8 beyond ASCII stays a text
+    field = (
+        b'--XX\r\nContent-Disposition: form-data; name="text"\r\n\r\n' + valid + b"\r\n--XX--\r\n"
+    )
+    assert requests.post(generate, data=field, headers=kind, timeout=60).status_code == 200
     caption = requests.post(f"{server.url}/v1/caption", data=PNG, timeout=60)
     assert "/v1/generate" in error_of(caption)
     ok = requests.post(generate, params=GREEDY, json={"texts": TEXTS[:1]}, timeout=60)

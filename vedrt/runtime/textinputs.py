@@ -96,6 +96,14 @@ class Tokenizer:
     def __call__(self, texts: list[str]) -> dict:
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InputError("texts must be a non-empty list of strings")
+        for row, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" is valid JSON)
+                where = f"text {row}: " if len(texts) > 1 else ""
+                raise InputError(
+                    f"{where}not valid Unicode (a lone surrogate at character {exc.start})"
+                ) from None
         encodings = self.tokenizer.encode_batch(texts)  # with the special tokens, as transformers
         for row, encoding in enumerate(encodings):
             if not encoding.ids:

@@ -11,27 +11,22 @@ import socket
 import sys
 import time
 import traceback
-import zlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
-from . import images, protocol
+from . import bodies, images, protocol
 from .errors import ServeError, bad_request
 from .service import ServeOptions, Service
 
-MAX_FORM_FILES = 256
 # Which process answered: tells Ray Serve replicas (and load-balanced servers) apart.
 SERVER_ID = f"{socket.gethostname()}:{os.getpid()}"
 SERVER_BYTES = SERVER_ID.encode("latin-1", "replace")
@@ -186,7 +181,7 @@ def _check_model(service: Service, request: Request) -> None:
 async def _infer(service: Service, request: Request) -> Response:
     _check_model(service, request)
     service.admit()  # a full queue answers at once, before reading the body
-    body = await _read_body(request, service.options.max_body_mb)
+    body = await bodies.read_body(request, service.options.max_body_mb)
     header_length = request.headers.get("inference-header-content-length")
     parsed = protocol.parse_infer(body, header_length, service.tensors)
     if service.tensors.output in parsed.outputs:
@@ -207,13 +202,13 @@ async def _form_request(
     service.admit()
     options: dict[str, Any] = {}
     query = request.query_params.multi_items()
-    _merge_options(options, [(k, images.parse_text_value(v)) for k, v in query])
-    body = await _read_body(request, service.options.max_body_mb)
+    bodies.merge_options(options, [(k, images.parse_text_value(v)) for k, v in query])
+    body = await bodies.read_body(request, service.options.max_body_mb)
     content_type = request.headers.get("content-type", "").lower()
     items = None
     if content_type.startswith("multipart/form-data"):
-        items, fields = _split_form(await _form(request, body), field, kind)
-        _merge_options(options, fields.items())
+        items, fields = bodies.split_form(await bodies.form(request, body), field, kind)
+        bodies.merge_options(options, fields.items())
     return items, options, body, content_type
 
 
@@ -236,150 +231,18 @@ async def _generate(service: Service, request: Request) -> Response:
     service.check_tokenizer()
     texts, options, body, content_type = await _form_request(service, request, "text", str)
     if texts is None:
-        if content_type.startswith("application/x-www-form-urlencoded") and not _looks_json(body):
-            texts, fields = _split_form(_urlencoded(body), "text", str)
-            _merge_options(options, fields.items())
+        if content_type.startswith("application/x-www-form-urlencoded") and not bodies.looks_json(
+            body
+        ):
+            texts, fields = bodies.split_form(bodies.urlencoded(body), "text", str)
+            bodies.merge_options(options, fields.items())
         else:
-            texts, fields = _json_texts(body)
-            _merge_options(options, fields.items())
+            texts, fields = bodies.json_texts(body)
+            bodies.merge_options(options, fields.items())
     if not texts:
         raise bad_request("no text: send {\"texts\": [...]} as JSON, or form fields named 'text'")
     answer = await service.generate(texts, options, _disconnected(request))
     return JSONResponse({"outputs": answer.captions})
-
-
-def _looks_json(body: bytes) -> bool:
-    """`curl -d '{"texts": ...}'` without -H labels JSON as a form: take it as the JSON it is."""
-    return body.lstrip().startswith(b"{")
-
-
-def _json_texts(body: bytes) -> tuple[list[str], dict[str, Any]]:
-    """{"texts": [...], option: value, ...}: the texts, and the body's other keys as options (so
-    {"texts": [...], "num_beams": 4} is not a silent greedy run; unknown names are 400s)."""
-    payload = protocol.load_json(body, "the body") if body else {}
-    texts = payload.get("texts") if isinstance(payload, dict) else None
-    if texts is None:
-        raise bad_request('the JSON body must be {"texts": ["...", ...]}')
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise bad_request("'texts' must be a list of strings")
-    return texts, {k: v for k, v in payload.items() if k != "texts"}
-
-
-def _merge_options(options: dict[str, Any], more: Iterable[tuple[str, Any]]) -> None:
-    """(name, value) pairs into `options` (the query's, form fields, JSON keys): a name given
-    twice with two values is a 400, not the last one silently winning."""
-    for name, value in more:
-        if name in options and options[name] != value:
-            raise bad_request(f"option {name!r} is given twice, as {options[name]!r} and {value!r}")
-        options[name] = value
-
-
-def _urlencoded(body: bytes) -> list[tuple[str, Any]]:
-    try:
-        return parse_qsl(  # strict: a %ff is an error, not a U+FFFD in someone's text
-            body.decode("utf-8"),
-            keep_blank_values=True,
-            max_num_fields=MAX_FORM_FILES,
-            errors="strict",
-        )
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise bad_request(f"bad form body ({exc})") from None
-
-
-async def _read_body(request: Request, max_mb: float) -> bytes:
-    """The whole body, refused with a 400 as soon as it passes the limit (before it is all read)."""
-    limit = int(max_mb * 1024 * 1024)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise bad_request(f"the body ({int(declared)} bytes) is over --max-body-mb={max_mb:g}")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise bad_request(f"the body is over --max-body-mb={max_mb:g}")
-            chunks.append(chunk)
-    except ClientDisconnect:  # an ordinary client abort, not an error of ours (no one reads it)
-        raise ServeError(
-            499, "the client disconnected before sending its whole body", outcome="disconnected"
-        ) from None
-    body, encoding = b"".join(chunks), request.headers.get("content-encoding")
-    if (encoding or "identity").strip().lower() == "identity":
-        return body
-    # inflating up to the limit takes ~100 ms for a small gzip bomb: off the event loop, so the
-    # other requests go on meanwhile (zlib lets go of the GIL while it inflates)
-    return await asyncio.to_thread(_decoded, body, encoding, limit, max_mb)
-
-
-def _decoded(body: bytes, encoding: str | None, limit: int, max_mb: float) -> bytes:
-    """The body as sent, or inflated for `Content-Encoding: gzip` / `deflate` (what
-    tritonclient's request_compression_algorithm sends), never past the body limit."""
-    encoding = (encoding or "identity").strip().lower()
-    if encoding == "identity":
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise bad_request(f"Content-Encoding {encoding!r} is not supported (gzip and deflate are)")
-    inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)  # a gzip or zlib header, either
-    try:
-        plain = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise bad_request(f"the {encoding} body does not decompress ({exc})") from None
-    if len(plain) > limit or inflater.unconsumed_tail:
-        raise bad_request(f"the body, decompressed, is over --max-body-mb={max_mb:g}")
-    return plain
-
-
-async def _form(request: Request, body: bytes) -> list[tuple[str, Any]]:
-    """Multipart fields in order: (name, UploadFile or str)."""
-
-    async def stream() -> AsyncIterator[bytes]:
-        yield body
-
-    parser = MultiPartParser(
-        request.headers, stream(), max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FILES
-    )
-    try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        raise bad_request(f"bad multipart body: {exc.message}") from None
-    _, _, boundary = request.headers.get("content-type", "").partition("boundary=")
-    boundary = boundary.split(";")[0].strip().strip('"')
-    if boundary and b"--" + boundary.encode("latin-1", "replace") + b"--" not in body:
-        raise bad_request("bad multipart body: truncated (it has no closing boundary)")
-    items = []
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            data = await value.read()
-            await value.close()
-            items.append((key, data))
-        else:
-            items.append((key, value))
-    return items
-
-
-def _split_form(items: list[tuple[str, Any]], field: str, kind: type) -> tuple[list, dict]:
-    """Fields named `field` are the inputs (files for images, text for texts); other text fields
-    are options. A file under another name is refused, so a typo is not silently ignored."""
-    inputs, options = [], {}
-    for key, value in items:
-        if isinstance(value, bytes) and key != field:
-            raise bad_request(
-                f"unexpected file field {key!r}: {field}s go in fields named {field!r}"
-            )
-        if key == field:
-            if kind is str and isinstance(value, bytes):
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise bad_request(f"{field} {len(inputs)}: not valid UTF-8") from None
-            elif kind is bytes and isinstance(value, str):
-                raise bad_request(f"field {key!r} must be a file upload")
-            inputs.append(value)
-        else:
-            _merge_options(options, [(key, images.parse_text_value(value))])
-    return inputs, options
 
 
 def _disconnected(request: Request):
