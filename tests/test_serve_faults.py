@@ -105,6 +105,8 @@ def test_a_failed_engine_is_not_ready_and_answers_503(reference):
         assert failed.status_code in (500, 503)
         wait_until(lambda: engine.failure is not None)
         assert requests.get(f"{live.url}/v2/health/ready", timeout=10).status_code == 503
+        live_answer = requests.get(f"{live.url}/v2/health/live", timeout=10)
+        assert live_answer.status_code == 503 and live_answer.json() == {"live": False}
         refused = caption(live.url)
         assert refused.status_code == 503
         assert "engine is not running" in refused.json()["error"]

@@ -62,3 +62,20 @@ def test_two_replicas_answer_correctly():
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_a_replica_whose_engine_died_fails_its_health_check():
+    """Ray Serve replaces a replica whose `check_health` raises: one with a dead engine loop
+    must, or it would answer 503 for ever (no Ray instance is needed to call the method)."""
+    from types import SimpleNamespace
+
+    from vedrt.serve.ray import VedrtReplica
+
+    engine = SimpleNamespace(failure=None)
+    service = SimpleNamespace(engine=engine, live=True)
+    # the method alone, on a stand-in: a real replica object needs Ray's replica context
+    replica = SimpleNamespace(vedrt_app=SimpleNamespace(state=SimpleNamespace(service=service)))
+    VedrtReplica.check_health(replica)  # healthy: returns
+    engine.failure, service.live = RuntimeError("a bug"), False
+    with pytest.raises(RuntimeError, match="a bug"):
+        VedrtReplica.check_health(replica)

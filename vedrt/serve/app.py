@@ -43,7 +43,7 @@ def build_app(options: ServeOptions | None = None, service: Service | None = Non
         await asyncio.to_thread(service.close)
 
     routes = [
-        Route("/v2/health/live", lambda r: JSONResponse({"live": True})),
+        Route("/v2/health/live", lambda r: _live(service.live)),
         Route("/v2/health/ready", lambda r: _ready(service.ready)),
         Route("/v2", lambda r: JSONResponse(_server_metadata())),
         Route("/v2/models/{name}", _model_route(service, _metadata)),
@@ -104,6 +104,10 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
 
 def _server_metadata() -> dict[str, Any]:
     return {"name": "vedrt", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+
+def _live(live: bool) -> Response:
+    return JSONResponse({"live": live}, status_code=200 if live else 503)
 
 
 def _ready(ready: bool) -> Response:

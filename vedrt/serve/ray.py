@@ -30,7 +30,16 @@ class VedrtReplica:
     def __serve_build_asgi_app__(self) -> Any:
         from .app import build_app
 
-        return build_app(self.options)
+        self.vedrt_app = build_app(self.options)  # (`app` is the Ray wrapper's own property)
+        return self.vedrt_app
+
+    def check_health(self) -> None:
+        """Ray Serve calls this every few seconds; raising makes it replace the replica, as a
+        replica whose engine loop died (a bug) would otherwise answer 503 for ever."""
+        app = getattr(self, "vedrt_app", None)
+        if app is not None and not app.state.service.live:
+            failure = app.state.service.engine.failure
+            raise RuntimeError(f"the engine's loop failed ({failure!r})")
 
 
 def deployment(options: ServeOptions, replicas: int = 1, **ray_options: Any) -> Any:

@@ -113,6 +113,11 @@ class Service:
         self.pool.shutdown(wait=True)
 
     @property
+    def live(self) -> bool:
+        """False once the engine's loop has died: only a restart brings the process back."""
+        return self.engine.failure is None
+
+    @property
     def ready(self) -> bool:
         return self.started and not self.draining and self.engine.failure is None
 
@@ -144,6 +149,10 @@ class Service:
 
     def admit(self) -> None:
         """Refuse at once when draining or when the queue is full, before reading any image."""
+        if self.engine.failure is not None:
+            raise ServeError(
+                503, f"the engine is not running: its loop failed ({self.engine.failure!r})"
+            )
         if self.draining:
             raise ServeError(503, "the server is shutting down", {"Retry-After": "1"})
         if self.queue_depth >= self.options.max_queue:
@@ -302,8 +311,9 @@ class Service:
         finally:
             if watcher is not None and not watcher.done():
                 watcher.cancel()
-        if not done.done():
-            handle.cancel()  # frees its rows (or its queue place) at the engine's next step
+        # cancelling frees its rows (or queue place) at the next step; False: it finished as
+        # the timer fired, and is answered
+        if not done.done() and handle.cancel():
             if watcher is not None and watcher.done() and not watcher.cancelled():
                 raise ServeError(
                     504,
