@@ -26,6 +26,7 @@ class _QueueEngine:
         self._thread: threading.Thread | None = None
         self.active_rows = 0
         self.stats = {"steps": 0, "row_steps": 0}
+        self.failure: BaseException | None = None  # as Engine's: what the server checks
 
     def submit_resolved(self, pixel_values: Any, o: Any) -> Any:
         """As vedrt's Engine: inputs checked and options resolved (`GenerationOptions`)."""

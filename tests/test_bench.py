@@ -296,3 +296,18 @@ def test_serve_report_prints_tail_percentiles_only_from_enough_requests():
     assert "| 8 | continuous | 2.000 | 10.0 | 20.0 | - | 0 |" in table
     assert "| 8 | one | 2.000 | 10.0 | 20.0 | 30.0 | 0 |" in table
     assert "each first in turn" not in table  # results from before the order rotated
+
+
+def test_serving_benchmark_runs_all_three_servers(tmp_path):
+    """The serving benchmark end to end, tiny: its baselines plug into the real server (a
+    change to what the server asks of an engine broke them once) and every answer is right."""
+    pytest.importorskip("starlette", reason="the serve extra is part of dev")
+    from benchmarks import serve
+
+    argv = ["--concurrency", "1,2", "--requests", "4", "--repeat", "1",
+            "--out", str(tmp_path), "--stem", "tiny"]  # fmt: skip
+    assert serve.main(argv) == 0
+    report = json.loads((tmp_path / "tiny.json").read_text())
+    modes = {point["mode"] for point in report["points"]}
+    assert modes == {"continuous", "one", "dynamic"}
+    assert all(point["wrong"] == 0 and point["requests"] == 4 for point in report["points"])
