@@ -299,12 +299,9 @@ class Engine(BackgroundLoop):
         rows = self.active_rows
         want = any(a.search.collect.want_attentions for a in self._active)
         began = time.perf_counter()
-        graph = getattr(self.executor, "graph_seconds", None)  # see `Executor`
         out = self.executor.decode(self.pool, rows, groups, want)
-        if graph is None:
-            self.stats["decode_seconds"] += time.perf_counter() - began
-        else:
-            self.stats["decode_seconds"] += self.executor.graph_seconds - graph
+        graph = getattr(self.executor, "last_graph_seconds", None)  # see `Executor`
+        self.stats["decode_seconds"] += time.perf_counter() - began if graph is None else graph
         self.stats["steps"] += 1
         self.stats["row_steps"] += rows
         self.stats["rows_last_step"] = rows

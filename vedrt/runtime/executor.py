@@ -10,6 +10,7 @@ binding (the pool is read in place); `vedrt.gpu` and `vedrt.tensorrt` provide to
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -80,8 +81,9 @@ class Executor(Protocol):
         `groups` equal groups reading the K/V `pool.group_inputs(groups)` gives for the layout
         `pool.set_groups` made), new K/V written in place."""
 
-    # An executor that runs its graph synchronously on the host may also count, in a float
-    # attribute `graph_seconds`, the time spent inside the graph runtime alone: then the engine's
+    # An executor that runs its graph synchronously on the host may also say, in a property
+    # `last_graph_seconds` (per calling thread, None before any call), how long the latest
+    # `decode` on this thread spent inside the graph runtime alone: then the engine's
     # `decode_seconds` leaves out the host work `decode` does around it (binding lookup, the new
     # K/V written into the pool), which is search-side cost, not graph cost.
 
@@ -100,7 +102,7 @@ class OrtExecutor:
         lean = manifest.decoder_without_attentions
         if lean is not None:  # the step without attention outputs; see `_attention_session`
             files["decoder"] = lean
-        self.graph_seconds = 0.0  # inside `run_with_iobinding` alone: see `Executor`
+        self._timing = threading.local()  # `last_graph_seconds`, per engine thread
         self.sessions = {
             name: _session(path, device, threads, arena=name == "decoder")
             for name, path in files.items()
@@ -251,6 +253,11 @@ class OrtExecutor:
         pool.bindings[key] = (io, outputs)
         return io, outputs
 
+    @property
+    def last_graph_seconds(self) -> float | None:
+        """Inside `run_with_iobinding` alone, for this thread's latest `decode` (see `Executor`)."""
+        return getattr(self._timing, "seconds", None)
+
     def decode(
         self, pool: KVPool, rows: int, groups: int, want_attentions: bool = False
     ) -> StepOutput:
@@ -260,7 +267,7 @@ class OrtExecutor:
         io, outputs = bound if bound is not None else self._bind(pool, rows, groups, session, key)
         began = time.perf_counter()
         session.run_with_iobinding(io)
-        self.graph_seconds += time.perf_counter() - began
+        self._timing.seconds = time.perf_counter() - began
         pool.write_new(outputs["new_kv"], rows)
         attn = [outputs[f"cross_attn.{i}"] for i in range(self.layers)] if want_attentions else None
         return StepOutput(outputs["logits"], attn, outputs["top_logprobs"], outputs["top_ids"])
