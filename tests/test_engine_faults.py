@@ -39,6 +39,21 @@ def failure_of(engine, seconds: float = 30.0):
     return engine.failure
 
 
+def fail_first_encode(monkeypatch) -> None:
+    """The encoder thread's first batch raises; later ones encode as usual."""
+    import vedrt.runtime.ahead as ahead
+
+    real, calls = ahead.encode_requests, []
+
+    def fails_once(executor, chosen):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("encoder failed")
+        return real(executor, chosen)
+
+    monkeypatch.setattr(ahead, "encode_requests", fails_once)
+
+
 def test_every_callback_of_a_step_runs_even_after_one_raises(generator, images):
     """Two requests finish on the same step; the first one's callback raises SystemExit. The
     second one's callback still runs (an asyncio awaiter of it would otherwise hang)."""
@@ -91,17 +106,7 @@ def test_a_dead_encoder_thread_fails_the_engine_instead_of_stalling_it(
 ):
     """Encoding ahead: a callback raising SystemExit on the encoder thread (after a failed
     encode) ends that thread; the engine notices, fails what waits, and refuses new requests."""
-    import vedrt.runtime.ahead as ahead
-
-    real, calls = ahead.encode_requests, []
-
-    def fails_once(executor, chosen):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("encoder failed")
-        return real(executor, chosen)
-
-    monkeypatch.setattr(ahead, "encode_requests", fails_once)
+    fail_first_encode(monkeypatch)
     engine = generator.engine(max_rows=8, encode_ahead=True)
     bad = engine.submit(images[:1], max_new_tokens=3)
     bad.add_done_callback(exit_now)
@@ -142,17 +147,7 @@ def test_draining_waits_for_the_encoder_without_spinning(generator, images, monk
 def test_stop_from_a_callback_on_the_encoder_thread_returns(generator, images, monkeypatch):
     """A request that fails to encode runs its callbacks on the encoder thread; one calling
     engine.stop() (drain) must not wait for the loop, which waits for that very thread."""
-    import vedrt.runtime.ahead as ahead
-
-    real, calls = ahead.encode_requests, []
-
-    def fails_once(executor, chosen):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("encoder failed")
-        return real(executor, chosen)
-
-    monkeypatch.setattr(ahead, "encode_requests", fails_once)
+    fail_first_encode(monkeypatch)
     engine = generator.engine(max_rows=8, encode_ahead=True)
     bad = engine.submit(images[:1], max_new_tokens=3)
     tail = engine.submit(images[1:2], max_new_tokens=3)
