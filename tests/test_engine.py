@@ -258,8 +258,11 @@ def test_engine_limits_order_and_cancellation():
     small = engine.submit(images[2:3])  # 1 row: would fit, but does not overtake `big`
     engine.step()
     assert engine.active_rows == 3 and engine.pending == 2
+    assert repr(first) == "<Handle running: 1 input(s), 3 row(s)>"
+    assert repr(big) == "<Handle waiting: 1 input(s), 4 row(s)>"
     gone = engine.submit(images[:1])
     assert gone.cancel()
+    assert repr(gone) == "<Handle cancelled: 1 input(s), 1 row(s)>"
     while not first.done():
         engine.step()
     engine.step()
@@ -270,6 +273,7 @@ def test_engine_limits_order_and_cancellation():
     with pytest.raises(EngineStopped):
         gone.result()
     np.testing.assert_array_equal(small.result(), generator.generate(images[2:3]))
+    assert repr(small) == "<Handle finished: 1 input(s), 1 row(s)>"
 
 
 @pytest.mark.runtime

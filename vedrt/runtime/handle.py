@@ -75,6 +75,15 @@ class Handle(Future):
         # ours, not the base class's list: the engine runs them once it holds no lock
         self._callbacks: list[Callable[[Handle], Any]] = []
 
+    def __repr__(self) -> str:  # the base class's says "pending" for a running request
+        if self.cancelled():
+            state = "cancelled"
+        elif self.done():
+            state = "finished" if self._exception is None else f"failed ({self._exception!r})"
+        else:
+            state = "running" if self.running() else "waiting"
+        return f"<Handle {state}: {self.batch} input(s), {self.rows} row(s)>"
+
     @property
     def pixel_values(self) -> Any:
         return self.inputs
