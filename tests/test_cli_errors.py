@@ -16,7 +16,7 @@ IMAGES = [str(ROOT / "examples" / f"scene{i}.png") for i in (1, 2, 3)]
 RUNTIME_ONLY = """
 import sys
 for name in ("torch", "transformers", "onnx", "onnxscript", "accelerate", "sacrebleu", "psutil",
-             "optimum", "tensorrt"):
+             "optimum", "tensorrt", "starlette", "uvicorn", "prometheus_client"):
     sys.modules[name] = None
 from vedrt.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -45,6 +45,7 @@ def _vedrt(*args: str, runtime_only: bool = False, **kwargs) -> subprocess.Compl
         (["eval", "--checkpoint", "checkpoints/scenes"], "vedrt[train]"),
         (["bench"], "vedrt[export,bench]"),
         (["export", "checkpoints/scenes", "never-written"], "vedrt[export]"),
+        (["serve", "--port", "0"], "vedrt[serve]"),
     ],
 )
 def test_missing_extras_are_named_in_one_line(args, extra) -> None:
@@ -52,6 +53,7 @@ def test_missing_extras_are_named_in_one_line(args, extra) -> None:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and extra in lines[0] and "Traceback" not in result.stderr
+    assert "-c .ci/constraints.txt" in lines[0]  # a clone installs with CI's pins
     assert result.stdout == ""  # nothing ran: eval printed no scores, export no stages
     assert not (ROOT / "never-written").exists()
 
@@ -59,6 +61,16 @@ def test_missing_extras_are_named_in_one_line(args, extra) -> None:
 def test_export_help_without_onnx() -> None:
     result = _vedrt("export", "--help", runtime_only=True)
     assert result.returncode == 0 and "--overwrite" in result.stdout and result.stderr == ""
+
+
+def test_serve_help_without_the_serve_extra() -> None:
+    result = _vedrt("serve", "--help", runtime_only=True)
+    assert result.returncode == 0 and "--max-pixels" in result.stdout and result.stderr == ""
+
+
+def test_captioning_with_a_text_model_says_to_use_generate() -> None:
+    result = _vedrt("caption", "--model", "vedrt/models/text", IMAGES[0], runtime_only=True)
+    assert result.returncode == 2 and "is a text model: use `vedrt generate`" in result.stderr
 
 
 def test_caption_still_works_in_a_runtime_only_install() -> None:

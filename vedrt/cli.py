@@ -50,6 +50,7 @@ REQUIRES: dict[str, tuple[tuple[str, ...], str]] = {
     "export": (("torch", "transformers", "onnx", "onnxscript"), "export"),
     "train": (("torch", "transformers", "accelerate", "sacrebleu"), "train"),
     "bench": (("torch", "transformers", "psutil"), "export,bench"),
+    "serve": (("starlette", "uvicorn", "prometheus_client"), "serve"),
 }
 
 
@@ -75,8 +76,19 @@ def require(packages: tuple[str, ...], extra: str) -> None:
     if missing:
         raise UsageError(
             f"needs {', '.join(missing)}, not installed in this (runtime-only?) environment: "
-            f"pip install 'vedrt[{extra}]' (or '.[{extra}]' in a clone)"
+            f"{install_hint(extra)}"
         )
+
+
+def install_hint(extra: str) -> str:
+    """How to install an extra: in a clone, with the pins CI uses (without them pip picks the
+    newest torch, a CUDA build of several GB); see the README's install notes."""
+    torch = any(part in ("export", "train", "bench", "dev") for part in extra.split(","))
+    wheel = ", adding --find-links to a folder holding the CPU torch wheel" if torch else ""
+    return (
+        f"pip install 'vedrt[{extra}]' (in a clone: pip install -c .ci/constraints.txt "
+        f"'.[{extra}]'{wheel}, as the README says)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,8 +150,8 @@ def _missing_message(command: str, package: str | None) -> str:
     if package == "ray":  # `vedrt serve --ray`: Ray Serve is its own extra
         extra = "ray"
     return (
-        f"vedrt {command}: error: needs the package {package!r}, which is not installed "
-        f"(pip install 'vedrt[{extra}]', or pip install '.[{extra}]' in a clone)"
+        f"vedrt {command}: error: needs the package {package!r}, which is not installed: "
+        f"{install_hint(extra)}"
     )
 
 

@@ -239,6 +239,8 @@ def run(args: argparse.Namespace) -> int:
     options = _options(args)
     try:
         generator = load(_model_dir(args, UsageError), threads=args.threads)
+        if generator.manifest.modality == "text":
+            raise InputError(f"{args.model} is a text model: use `vedrt generate`")
         generator.options(**options)  # reject bad options before reading any image
         generator.detokenizer  # noqa: B018  (fail early on an export without a tokenizer)
         keep = generator.processor.keep_short_side

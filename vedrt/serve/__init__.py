@@ -9,13 +9,23 @@ scale-out (`vedrt.serve.ray`) needs the `ray` extra.
 
 from __future__ import annotations
 
-from .service import ServeOptions, Service
+from typing import Any
+
+from .options import ServeOptions
 
 
-def build_app(options: ServeOptions | None = None, service: Service | None = None):
+def build_app(options: ServeOptions | None = None, service: Any = None):
     from .app import build_app as _build
 
     return _build(options, service)
+
+
+def __getattr__(name: str) -> Any:  # the server's classes load the serve extra: on first use
+    if name == "Service":
+        from .service import Service
+
+        return Service
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["ServeOptions", "Service", "build_app"]

@@ -8,7 +8,8 @@ import sys
 from typing import Any
 
 from ..runtime.threads import machine_cores
-from .service import DEFAULT_MODEL, ServeOptions
+from . import images
+from .options import DEFAULT_MODEL, ServeOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="larger request bodies get 400 before they are read in full (default: 32)",
     )
     parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=images.DEFAULT_MAX_PIXELS,
+        help="images with more pixels get 400 before they are decoded: decompression bombs "
+        f"(default: {images.DEFAULT_MAX_PIXELS:,})",
+    )
+    parser.add_argument(
         "--request-timeout",
         type=float,
         default=60.0,
@@ -71,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from(args: argparse.Namespace) -> ServeOptions:
     from ..cli import UsageError
 
-    for flag in ("max_rows", "max_queue", "port", "replicas"):
+    for flag in ("max_rows", "max_queue", "port", "replicas", "max_pixels"):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     for flag in ("max_body_mb", "request_timeout"):
@@ -91,6 +99,7 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
         request_timeout=args.request_timeout,
         threads=args.threads,
         encode_ahead=encode_ahead,
+        max_pixels=args.max_pixels,
     )
 
 

@@ -12,7 +12,6 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,31 +23,7 @@ from ..runtime.search import rows_needed
 from . import images, protocol
 from .errors import ServeError, bad_request
 from .metrics import Metrics
-
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "scenes"
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """How one server runs; the CLI flags of `vedrt serve`, one field each."""
-
-    model: str = str(DEFAULT_MODEL)
-    name: str | None = None  # default: the export directory's name
-    max_rows: int = 32  # decoder rows the engine steps together
-    admit_every: float = 0.0  # seconds between admissions while rows run (0: every step)
-    max_queue: int = 64  # requests waiting for rows beyond that; more get 503
-    max_body_mb: float = 32.0
-    request_timeout: float = 60.0  # seconds from arrival to answer; past it, 504
-    threads: int = 1  # ONNX Runtime intra-op threads of the engine (measured: see README)
-    encode_ahead: bool = True  # encoder on its own thread while the decoder steps (README)
-    decode_threads: int = 1  # image decoding pool
-    max_pixels: int = images.DEFAULT_MAX_PIXELS
-    start_engine: bool = True  # tests hold the engine to fill the queue deterministically
-
-    @property
-    def model_name(self) -> str:
-        return self.name or Path(self.model).resolve().name
-
+from .options import ServeOptions
 
 # Inputs this small are decoded on the event loop: the hop to the decoding thread and back (two
 # thread wake-ups and a future handed across) cost more than decoding them. Scene model, greedy,
