@@ -133,3 +133,17 @@ def test_text_model_eval_runs_in_a_runtime_only_install() -> None:
     result = _vedrt("eval", "--model", "vedrt/models/text", "--beams", "1", runtime_only=True)
     assert result.returncode == 0, result.stderr
     assert "held-out exact match 1.000 (beam 1, 117 captions)" in result.stdout
+
+
+def test_serve_on_a_port_in_use_is_one_line() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _vedrt("serve", "--port", str(port))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"vedrt serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]

@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime.errors import InputError
 
     options = options_from(args)
+    check_address(args.host, args.port, UsageError)  # before the model loads, in one line
     if args.ray:
         from .ray import run_ray
 
@@ -120,6 +121,21 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     serve(app, host=args.host, port=args.port)
     return 0
+
+
+def check_address(host: str, port: int, error: Any) -> None:
+    """Can this process listen there? uvicorn would otherwise log a raw errno and exit 3."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as exc:
+        raise error(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def serve(app: Any, host: str, port: int) -> None:
