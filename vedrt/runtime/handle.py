@@ -50,12 +50,12 @@ class Handle(Future):
     Where it differs from a plain future, it says so: `cancel()` also stops a running request
     (at the engine's next step), and a cancelled request ends with an `EngineStopped` error
     (`cancelled()` is then true; awaited through `asyncio.wrap_future`, it raises asyncio's
-    `CancelledError`, as any cancelled future does); `running()` means admitted to the engine's rows. Done
-    callbacks run on the thread that finishes the request, after the engine lets go of its
-    locks, so one may use the engine.
+    `CancelledError`, as any cancelled future does); `running()` means admitted to the
+    engine's rows. Done callbacks run on the thread that finishes the request, after the
+    engine lets go of its locks, so one may use the engine.
 
-    `submitted_at`, `started_at` and `finished_at` are `time.monotonic()` stamps (queue time and latency
-    for metrics); `started_at` is None until the request is admitted to the engine's rows.
+    `submitted_at`, `started_at` and `finished_at` are `time.monotonic()` stamps (queue time and
+    latency for metrics); `started_at` is None until the request is admitted to the rows.
     """
 
     def __init__(self, inputs: Any, options: Any, rows: int):
