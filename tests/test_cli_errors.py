@@ -147,3 +147,20 @@ def test_serve_on_a_port_in_use_is_one_line() -> None:
     assert result.stderr.strip().splitlines() == [
         f"vedrt serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
+
+
+def test_generate_defaults_to_the_shipped_text_model() -> None:
+    text = "a small red circle above a large blue square"
+    given = _vedrt("generate", "--model", "vedrt/models/text", text, runtime_only=True)
+    default = _vedrt("generate", text, runtime_only=True)
+    assert default.returncode == 0 and default.stdout == given.stdout
+    assert default.stdout.startswith(text + "\t")
+
+
+def test_export_of_a_missing_folder_is_one_line_before_any_stage() -> None:
+    result = _vedrt("export", "no-such-checkpoint", "never-written")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "vedrt export: error: model directory not found: no-such-checkpoint"
+    ]
+    assert not (ROOT / "never-written").exists()

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from ..errors import UsageError
 
@@ -96,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from .exporter import stages as export_stages
     from .validate import ValidationError
 
+    if not Path(args.model_dir).is_dir():  # before the progress lines and torch's import
+        raise UsageError(f"model directory not found: {args.model_dir}")
     stages = _Stages(export_stages(args.quantize))
     try:
         with _sigterm_as_exit():

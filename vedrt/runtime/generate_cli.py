@@ -21,7 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "texts", nargs="*", metavar="TEXT", help="texts to generate from (default: stdin lines)"
     )
     parser.add_argument(
-        "--model", metavar="EXPORT_DIR", required=True, help="a text model's export directory"
+        "--model",
+        metavar="EXPORT_DIR",
+        help="a text model's export directory (default: the shipped text model, "
+        "vedrt/models/text, as `vedrt caption` defaults to the scene model)",
     )
     for flag, helptext in (
         ("--num-beams", "beam search with N beams (default: the model's)"),
@@ -75,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     names = ("num_beams", "max_new_tokens", "num_return_sequences")
     options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     try:
+        if args.model is None:
+            from .. import models
+
+            args.model = str(models.path("text"))
         generator = load(args.model, threads=args.threads)
         generator.options(**options)  # bad options fail before any text is read
         if generator.manifest.modality != "text":
