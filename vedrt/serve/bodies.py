@@ -77,22 +77,20 @@ async def read_body(request: Request, max_mb: float) -> bytes:
         raise ServeError(
             499, "the client disconnected before sending its whole body", outcome="disconnected"
         ) from None
-    body, encoding = b"".join(chunks), request.headers.get("content-encoding")
-    if (encoding or "identity").strip().lower() == "identity":
+    body = b"".join(chunks)
+    encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
+    if encoding == "identity":
         return body
+    if encoding not in ("gzip", "deflate"):
+        raise bad_request(f"Content-Encoding {encoding!r} is not supported (gzip and deflate are)")
     # inflating up to the limit takes ~100 ms for a small gzip bomb: off the event loop, so the
     # other requests go on meanwhile (zlib lets go of the GIL while it inflates)
     return await asyncio.to_thread(decoded, body, encoding, limit, max_mb)
 
 
-def decoded(body: bytes, encoding: str | None, limit: int, max_mb: float) -> bytes:
-    """The body as sent, or inflated for `Content-Encoding: gzip` / `deflate` (what
-    tritonclient's request_compression_algorithm sends), never past the body limit."""
-    encoding = (encoding or "identity").strip().lower()
-    if encoding == "identity":
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise bad_request(f"Content-Encoding {encoding!r} is not supported (gzip and deflate are)")
+def decoded(body: bytes, encoding: str, limit: int, max_mb: float) -> bytes:
+    """The body inflated for `Content-Encoding: gzip` / `deflate` (what tritonclient's
+    request_compression_algorithm sends), never past the body limit."""
     inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)  # a gzip or zlib header, either
     try:
         plain = inflater.decompress(body, limit + 1)

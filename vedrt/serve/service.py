@@ -94,7 +94,7 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return self.started and not self.draining and self.engine.failure is None
+        return self.started and not self.draining and self.live
 
     @property
     def queue_depth(self) -> int:
@@ -124,7 +124,7 @@ class Service:
 
     def admit(self) -> None:
         """Refuse at once when draining or when the queue is full, before reading any image."""
-        if self.engine.failure is not None:
+        if not self.live:
             raise ServeError(
                 503, f"the engine is not running: its loop failed ({self.engine.failure!r})"
             )
