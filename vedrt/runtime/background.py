@@ -58,7 +58,7 @@ class BackgroundLoop:
             not self._drain or (not self._waiting and not self._active) or self.failure is not None
         )
 
-    def _abandon(self, why: str = "the engine stopped before this request finished") -> None:
+    def _abandon(self) -> None:
         if self._ahead is not None:
             self._ahead.stop()
             self._ahead = None
@@ -71,6 +71,7 @@ class BackgroundLoop:
                 self._rows.release([*self._active])
             except Exception:  # after a failed step the rows may not add up: answer anyway
                 logging.getLogger("vedrt").exception("releasing the engine's rows failed")
+        why = "the engine stopped before this request finished"
         if self.failure is not None:
             why = f"the engine failed ({type(self.failure).__name__}: {self.failure})"
         due: list = []
